@@ -1,0 +1,156 @@
+"""Test prediction: rebuild the models a run saved, predict the test set and write the submission.
+
+    python inference.py --save_dir runs/convnext              # average every finished fold's best checkpoint
+    python inference.py --checkpoint runs/x/fold_0/best.pth --save_dir runs/x --output fold0.csv
+    python inference.py --save_dir runs/x --test_dir D --test_csv C --output other.csv
+
+The submission has the competition's columns ``ID,image_path,target`` (ID = row index of test.csv) in test.csv's
+order; beside it a probability file ``ID,image_path,prob_0..prob_{C-1}`` for soft voting with ensemble_csv.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cli import ArgumentParser
+from fileio import write_csv
+
+_logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, desc="predict"):
+    """Logits (float32, on the CPU) and targets for every sample of ``loader``, in order."""
+    from train import autocast  # the one place precision is decided
+
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    outputs, targets = [], []
+    for images, target in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast(device, amp_dtype):
+            outputs.append(model(images).float().cpu())
+        targets.append(torch.as_tensor(target))
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def write_submission(probs: np.ndarray, image_paths: list[str], path: str | Path) -> pd.DataFrame:
+    """Write ``ID,image_path,target`` (target = argmax of ``probs``) atomically; returns the frame."""
+    df = pd.DataFrame({"ID": np.arange(len(image_paths)), "image_path": image_paths, "target": probs.argmax(1)})
+    write_csv(df, path)
+    return df
+
+
+def write_probs(probs: np.ndarray, image_paths: list[str], path: str | Path) -> None:
+    """Write ``ID,image_path,prob_0..prob_{C-1}`` atomically (the soft-voting input of ensemble_csv.py)."""
+    df = pd.DataFrame(probs.astype(np.float32), columns=[f"prob_{i}" for i in range(probs.shape[1])])
+    df.insert(0, "image_path", image_paths)
+    df.insert(0, "ID", np.arange(len(image_paths)))
+    write_csv(df, path, float_format="%.6g")
+
+
+def score_submission(submission: pd.DataFrame, solution_csv: str | Path) -> float:
+    """Accuracy of a submission against a solution file with the same ID and image_path rows."""
+    from dataset import DataError
+
+    solution = pd.read_csv(solution_csv)
+    if len(solution) != len(submission) or (solution["image_path"].astype(str).values
+                                            != submission["image_path"].astype(str).values).any():
+        raise DataError(f"{solution_csv}: rows differ from the submission's (ID, image_path)")
+    return float((solution["target"].values == submission["target"].values).mean())
+
+
+def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_workers: int, device: torch.device,
+                        amp: str, channels_last: bool = True) -> np.ndarray:
+    """Mean softmax probabilities over ``checkpoints`` for the test Table ``test``."""
+    from augmentation import create_transform
+    from dataset import ImageDataset
+    from model import create_model
+    from train import _loader, load_checkpoint, resolve_amp
+
+    total = None
+    for path in checkpoints:
+        ckpt = load_checkpoint(path)
+        model = create_model(ckpt["model_name"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(device, memory_format=memory_format)
+        img_size = tuple(ckpt["img_size"])
+        transform = create_transform(img_size, False, **ckpt["data_config"])
+        loader = _loader(ImageDataset(test.paths, None, transform, img_size), batch_size, num_workers, device)
+        logits, _ = predict_logits(model, loader, device, resolve_amp(amp, device, model), channels_last,
+                                   desc=path.parent.name)
+        probs = torch.softmax(logits, 1).numpy()
+        total = probs if total is None else total + probs
+        _logger.info("%s: predicted %d test images", path, len(probs))
+    return total / len(checkpoints)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save_dir", type=Path, required=True, help="run folder written by main.py")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="predict with this checkpoint alone (default: every finished fold's best.pth)")
+    parser.add_argument("--test_dir", type=Path, default=None, help="test image folder (default: the run's)")
+    parser.add_argument("--test_csv", type=Path, default=None, help="test CSV (default: the run's)")
+    parser.add_argument("--output", type=Path, default=None, help="submission path (default: SAVE_DIR/submission.csv)")
+    parser.add_argument("--test_solution", type=Path, default=None,
+                        help="CSV of true labels (ID,image_path,target): print the submission's accuracy")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "none"),
+                        help="precision (default: the run's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from dataset import DataError, read_test_table
+    from train import resolve_device
+
+    args_path = args.save_dir / "args.json"
+    if not args_path.is_file():
+        parser.error(f"--save_dir {args.save_dir}: no run here (args.json missing)")
+    run_args = json.loads(args_path.read_text())
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            parser.error(f"--checkpoint {args.checkpoint}: file not found")
+        checkpoints = [args.checkpoint]
+    else:
+        checkpoints = sorted(p.parent / "best.pth" for p in args.save_dir.glob("fold_*/done.json"))
+        if not checkpoints:
+            parser.error(f"--save_dir {args.save_dir}: no finished fold (fold_*/done.json) to predict with")
+    test_dir = args.test_dir or run_args["test_dir"]
+    test_csv = args.test_csv if (args.test_csv or args.test_dir) else run_args["test_csv"]
+    output = args.output or args.save_dir / "submission.csv"
+    try:
+        test = read_test_table(test_csv, test_dir)
+        probs = predict_checkpoints(checkpoints, test, args.batch_size,
+                                    run_args["num_workers"] if args.num_workers is None else args.num_workers,
+                                    resolve_device(args.device), args.amp or run_args["amp"],
+                                    run_args.get("channels_last", True))
+        write_probs(probs, test.rel_paths, output.with_name(output.stem + "_probs.csv"))
+        submission = write_submission(probs, test.rel_paths, output)
+        score = None if args.test_solution is None else score_submission(submission, args.test_solution)
+    except DataError as e:
+        parser.error(str(e))
+    print(f"submission: {output} ({len(submission)} rows, {len(checkpoints)} checkpoint(s))")
+    if score is not None:
+        print(f"test accuracy: {score:.4f} ({args.test_solution})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Train any timm model on an image classification set in the Sketch competition's layout, k-fold by default.
+
+    python main.py                       # the bundled TU-Berlin-10 sketches: 5 folds, a few minutes on a CPU
+    python main.py --train_dir data/train --train_csv data/train.csv --test_dir data/test --test_csv data/test.csv \\
+        --model eva02_large --pretrained --resize_height 448 --resize_width 448 --batch_size 8 \\
+        --accumulation_steps 8 --learning_rate 2e-5 --max_epochs 10 --kfold 5 --save_dir runs/eva02
+    python main.py --save_dir runs/eva02 --resume_training      # continue exactly where it stopped
+
+A run folder gets the resolved arguments, the folds, per-fold checkpoints and logs, out-of-fold predictions and
+submission.csv (see train.py); a copy of the submission lands in --output_dir for `python ensemble_csv.py
+outputs/*.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from augmentation import AUGMENTATIONS
+from cli import ArgumentParser, default_workers
+from loss import LOSSES
+from model import MODELS
+
+HERE = Path(__file__).resolve().parent
+BUNDLED = HERE / "data" / "tuberlin10"
+RUNS = Path("runs")
+# Flags that may change when a run is resumed: they do not change its result.
+RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
+                       "test_solution", "skip_image_check"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from train import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_dir", type=Path, default=None,
+                      help="training image folder (default: the bundled data/tuberlin10/train)")
+    data.add_argument("--train_csv", type=Path, default=None,
+                      help="class_name,image_path,target CSV (default: the bundled one; with --train_dir alone, "
+                           "the folder is read as one sub-folder per class)")
+    data.add_argument("--test_dir", type=Path, default=None, help="test image folder (default: the bundled one)")
+    data.add_argument("--test_csv", type=Path, default=None,
+                      help="image_path CSV giving the submission's rows (default: the bundled one; with --test_dir "
+                           "alone, every image of the folder in sorted order)")
+    data.add_argument("--test_solution", type=Path, default=None,
+                      help="true test labels (ID,image_path,target): print the submission's accuracy (default: none)")
+    data.add_argument("--resize_height", type=int, default=64, help="working image height (default: 64)")
+    data.add_argument("--resize_width", type=int, default=64, help="working image width (default: 64)")
+    data.add_argument("--aug", default="sketch", choices=sorted(AUGMENTATIONS),
+                      help="training augmentation preset (default: sketch)")
+    data.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, 0 = off (default: 0)")
+    data.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0 = off (default: 0)")
+    data.add_argument("--mixup_prob", type=float, default=1.0,
+                      help="probability of mixing a batch when mixup or cutmix is on (default: 1.0)")
+    data.add_argument("--num_workers", type=int, default=default_workers(),
+                      help="data loader processes (default: the number of usable cores, at most 8)")
+    data.add_argument("--skip_image_check", action="store_true",
+                      help="do not decode every image before training (default: check them all)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="resnet18",
+                       help=f"any timm model name, or one of {', '.join(MODELS)} (default: resnet18)")
+    model.add_argument("--pretrained", action="store_true", help="start from the hub's pretrained weights")
+    model.add_argument("--pretrained_path", type=Path, default=None,
+                       help="start from the weights in this local file instead (timm state dict, safetensors, or a "
+                            "checkpoint of this suite)")
+    model.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (default: 0)")
+    model.add_argument("--drop_path", type=float, default=None,
+                       help="stochastic depth rate (default: the model's own)")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--batch_size", type=int, default=32, help="images per batch (default: 32)")
+    optim.add_argument("--accumulation_steps", type=int, default=1,
+                       help="batches per optimizer update (default: 1)")
+    optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    optim.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
+    optim.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS), help="(default: adamw)")
+    optim.add_argument("--scheduler", default="cosine", choices=sorted(SCHEDULERS),
+                       help="learning-rate shape over optimizer updates after warmup (default: cosine)")
+    optim.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup length (default: 1)")
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (default: 1e-6)")
+    optim.add_argument("--clip_grad", type=float, default=None, help="gradient norm clip (default: none)")
+    optim.add_argument("--loss", default="ce", choices=sorted(LOSSES), help="(default: ce)")
+    optim.add_argument("--smoothing", type=float, default=0.1,
+                       help="label smoothing of --loss label_smoothing (default: 0.1)")
+    optim.add_argument("--focal_gamma", type=float, default=2.0, help="gamma of --loss focal (default: 2.0)")
+    optim.add_argument("--max_epochs", type=int, default=10, help="epochs per fold (default: 10)")
+    optim.add_argument("--patience", type=int, default=5,
+                       help="stop a fold after this many epochs without improvement, 0 = never (default: 5)")
+    optim.add_argument("--monitor", default="val_acc", choices=sorted(MONITORS),
+                       help="validation metric for early stopping and the best checkpoint (default: val_acc)")
+
+    split = parser.add_argument_group("folds")
+    split.add_argument("--kfold", type=int, default=5,
+                       help="stratified folds; 1 = one hold-out split of --val_ratio (default: 5)")
+    split.add_argument("--fold", type=int, default=None, help="train this fold alone (default: all of them)")
+    split.add_argument("--val_ratio", type=float, default=0.2, help="hold-out share with --kfold 1 (default: 0.2)")
+    split.add_argument("--seed", type=int, default=42, help="seed of folds, weights and augmentation (default: 42)")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    runtime.add_argument("--amp", default="auto", choices=AMP_MODES,
+                         help="mixed precision: auto = bf16 where native (fp16 + scaler on older GPUs), fp32 on "
+                              "CPUs without bf16 and for depthwise nets on the CPU (default: auto)")
+    runtime.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                         help="NHWC memory format (default: on)")
+    runtime.add_argument("--deterministic", action="store_true",
+                         help="deterministic kernels: a CPU run repeats bit for bit (default: off)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--save_dir", type=Path, default=None,
+                     help="run folder (default: runs/<time>-<model>; with --resume_training: the newest run)")
+    out.add_argument("--log_dir", type=Path, default=None,
+                     help="TensorBoard folder (default: the run folder, one sub-folder per fold)")
+    out.add_argument("--output_dir", type=Path, default=Path("outputs"),
+                     help="where a copy of the submission goes as <run name>.csv (default: outputs)")
+    out.add_argument("--resume_training", action="store_true",
+                     help="continue the run in --save_dir (default: the newest under runs/) with its saved arguments")
+    return parser
+
+
+def _explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flags given on the command line (not defaulted), with their parsed values."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS, "required": False}
+            if isinstance(action, argparse._StoreTrueAction):
+                quiet.add_argument(*action.option_strings, action="store_true", **kwargs)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                quiet.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                quiet.add_argument(*action.option_strings, type=action.type, **kwargs)
+    return vars(quiet.parse_known_args(argv)[0])
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, fill the defaults that depend on other flags, restore a resumed run's arguments, check combinations."""
+    args = parser.parse_args(argv)
+    if args.resume_training:
+        save_dir = args.save_dir or _newest_run()
+        if save_dir is None or not (save_dir / "args.json").is_file():
+            parser.error(f"--resume_training: no run to resume in {save_dir or RUNS} (args.json missing)")
+        saved = json.loads((save_dir / "args.json").read_text())
+        given = _explicit_args(parser, argv)
+        for key, value in given.items():
+            value = str(value) if isinstance(value, Path) else value
+            if key not in RESUMABLE_OVERRIDES and saved.get(key) != value:
+                parser.error(f"--resume_training: --{key} was {saved.get(key)!r} in {save_dir}, now {value!r}; "
+                             "a resumed run keeps its arguments (start a new --save_dir to change it)")
+        merged = {**saved, **{k: v for k, v in vars(args).items() if k in given and k in RESUMABLE_OVERRIDES}}
+        args = argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
+        args.save_dir, args.resume_training = save_dir, True
+        for key in ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
+                    "test_solution"):
+            if getattr(args, key) is not None:
+                setattr(args, key, Path(getattr(args, key)))
+        return args
+
+    if args.train_dir is None and args.train_csv is None:
+        args.train_dir, args.train_csv = BUNDLED / "train", BUNDLED / "train.csv"
+    elif args.train_dir is None:
+        parser.error("--train_csv needs --train_dir (the folder its image_path values are relative to)")
+    if args.test_dir is None and args.test_csv is None:
+        args.test_dir, args.test_csv = BUNDLED / "test", BUNDLED / "test.csv"
+    elif args.test_dir is None:
+        parser.error("--test_csv needs --test_dir (the folder its image_path values are relative to)")
+    for flag in ("batch_size", "accumulation_steps", "max_epochs", "resize_height", "resize_width", "kfold"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    if args.learning_rate == 0:
+        parser.error("--learning_rate must be positive")
+    if args.fold is not None and not 0 <= args.fold < args.kfold:
+        parser.error(f"--fold {args.fold} is not one of the {args.kfold} fold(s) 0..{args.kfold - 1}")
+    if not 0 < args.val_ratio < 1:
+        parser.error(f"--val_ratio must be between 0 and 1, got {args.val_ratio}")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        parser.error(f"--mixup/--cutmix mix pairs within a batch: --batch_size {args.batch_size} must be even")
+    if args.pretrained and args.pretrained_path is not None:
+        parser.error("give --pretrained (hub) or --pretrained_path FILE, not both")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must not be negative, got {args.num_workers}")
+    if args.save_dir is None:
+        args.save_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
+    elif (args.save_dir / "args.json").exists():
+        parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
+                     "or choose another --save_dir")
+    return args
+
+
+def _newest_run() -> Path | None:
+    runs = sorted(RUNS.glob("*/args.json"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
+
+
+def _setup_logging(save_dir: Path) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(save_dir / "train.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = resolve_args(parser, argv)
+
+    import inference
+    import train
+    from dataset import DataError, read_folder_table, read_test_table, read_train_table
+    from fileio import write_json
+    from model import ModelError, resolve_model_name
+
+    try:
+        resolve_model_name(args.model)
+        train.resolve_device(args.device)
+        check = not args.skip_image_check
+        if args.train_csv is None:
+            table = read_folder_table(args.train_dir, check)
+        else:
+            table = read_train_table(args.train_csv, args.train_dir, check)
+        test = read_test_table(args.test_csv, args.test_dir, check)
+        folds = train.load_or_make_folds(args, table)
+        try:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            probe = args.save_dir / ".write_test"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise DataError(f"--save_dir {args.save_dir}: not writable ({e.strerror})") from None
+        _setup_logging(args.save_dir)
+        if not args.resume_training:
+            write_json(train.plain_args(args), args.save_dir / "args.json")
+        logging.info("%s run %s: %d training images, %d classes, %d test images",
+                     "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
+                     len(table.class_names), len(test.paths))
+        summary = train.run(args, table, test, folds)
+        score = None
+        if args.test_solution is not None:
+            score = inference.score_submission(summary["submission_df"], args.test_solution)
+    except (DataError, ModelError) as e:
+        parser.error(str(e))
+
+    copy = args.output_dir / f"{args.save_dir.name}.csv"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(summary["submission"], copy.with_name(f".{copy.name}.tmp"))
+    copy.with_name(f".{copy.name}.tmp").replace(copy)
+    print(f"run folder:      {args.save_dir}")
+    print(f"folds finished:  {summary['folds_done']} (val accuracy "
+          + ", ".join(f"{v:.4f}" for v in summary["fold_val_acc"].values()) + ")")
+    print(f"OOF accuracy:    {summary['oof_acc']:.4f} over {summary['oof_images']} training images")
+    print(f"submission:      {summary['submission']} (copy: {copy})")
+    if score is not None:
+        print(f"test accuracy:   {score:.4f} ({args.test_solution})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""End-to-end runs of main.py on real sketches: artifacts, CSV contracts, folds, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import FAST, ROOT, SHARED, data_args, make_subset, run_cli
+
+import main as main_module
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def kfold_run(tiny_data, tmp_path_factory):
+    """One 2-fold run on the tiny set, shared by the artifact tests."""
+    out = tmp_path_factory.mktemp("kfold")
+    proc = run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2",
+                   "--save_dir", out / "run", "--output_dir", out / "outputs")
+    return out / "run", out / "outputs", proc
+
+
+def test_run_folder_contents(kfold_run, tiny_data):
+    run, outputs, proc = kfold_run
+    args = json.loads((run / "args.json").read_text())
+    assert args["kfold"] == 2 and args["model"] == "test_resnet" and args["train_csv"] == str(tiny_data / "train.csv")
+
+    folds = pd.read_csv(run / "folds.csv")
+    train = pd.read_csv(tiny_data / "train.csv")
+    assert list(folds.columns) == ["image_path", "target", "fold"]
+    assert folds["image_path"].tolist() == train["image_path"].tolist()
+    # Stratified: each of the 4 classes (12 images) splits 6 / 6.
+    assert (folds.groupby(["target", "fold"]).size() == 6).all()
+
+    for fold in (0, 1):
+        fold_dir = run / f"fold_{fold}"
+        for name in ("last.pth", "best.pth"):
+            ckpt = torch.load(fold_dir / name, map_location="cpu", weights_only=True)
+            assert {"model", "optimizer", "scheduler", "scaler", "early_stopping", "rng", "epoch", "history"} <= set(
+                ckpt)
+        metrics = pd.read_csv(fold_dir / "metrics.csv")
+        assert metrics["epoch"].tolist() == [0, 1]
+        assert {"train_loss", "val_loss", "val_acc", "val_f1", "lr", "images_per_sec", "peak_rss_mb"} <= set(metrics)
+        assert list(fold_dir.glob("events.out.tfevents.*")), "TensorBoard events missing"
+        assert np.load(fold_dir / "val_probs.npy").shape == ((folds["fold"] == fold).sum(), 4)
+
+    oof = pd.read_csv(run / "oof.csv")
+    assert list(oof.columns) == ["image_path", "target", "fold", "pred"]
+    assert sorted(oof["image_path"]) == sorted(train["image_path"])
+    probs = np.load(run / "oof_probs.npy")
+    assert probs.shape == (48, 4) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert (probs.argmax(1) == oof["pred"]).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["oof_acc"] == pytest.approx((oof["pred"] == oof["target"]).mean())
+    assert summary["folds_done"] == [0, 1]
+    assert f"OOF accuracy:    {summary['oof_acc']:.4f}" in proc.stdout
+
+
+def test_submission_matches_sample_submission(kfold_run, tiny_data):
+    run, outputs, _ = kfold_run
+    sub = pd.read_csv(run / "submission.csv")
+    sample = pd.read_csv(tiny_data / "sample_submission.csv")
+    assert list(sub.columns) == ["ID", "image_path", "target"]
+    assert sub["ID"].tolist() == sample["ID"].tolist()
+    assert sub["image_path"].tolist() == sample["image_path"].tolist()
+    assert sub["target"].between(0, 3).all()
+    probs = pd.read_csv(run / "test_probs.csv")
+    assert list(probs.columns) == ["ID", "image_path"] + [f"prob_{i}" for i in range(4)]
+    averaged = (np.load(run / "fold_0" / "test_probs.npy") + np.load(run / "fold_1" / "test_probs.npy")) / 2
+    np.testing.assert_allclose(probs.filter(like="prob_").to_numpy(), averaged, atol=1e-5)
+    assert (sub["target"] == averaged.argmax(1)).all()
+    assert (outputs / "run.csv").read_bytes() == (run / "submission.csv").read_bytes()
+
+
+def test_inference_rebuilds_the_run(kfold_run, tmp_path):
+    run, _, _ = kfold_run
+    run_cli("inference.py", "--save_dir", run, "--output", tmp_path / "all.csv", "--num_workers", "0")
+    assert (tmp_path / "all.csv").read_bytes() == (run / "submission.csv").read_bytes()
+    redone = pd.read_csv(tmp_path / "all_probs.csv").filter(like="prob_").to_numpy()
+    original = pd.read_csv(run / "test_probs.csv").filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(redone, original, atol=1e-5)
+
+    run_cli("inference.py", "--save_dir", run, "--checkpoint", run / "fold_0" / "best.pth",
+            "--output", tmp_path / "f0.csv", "--num_workers", "0")
+    f0 = pd.read_csv(tmp_path / "f0.csv")
+    assert (f0["target"] == np.load(run / "fold_0" / "test_probs.npy").argmax(1)).all()
+
+    run_cli("ensemble_csv.py", run / "submission.csv", tmp_path / "all.csv", tmp_path / "f0.csv",
+            "-o", tmp_path / "vote.csv")
+    vote = pd.read_csv(tmp_path / "vote.csv")
+    assert vote["ID"].tolist() == f0["ID"].tolist()
+
+
+def test_holdout_single_fold_and_folder_layout(tiny_data, tmp_path):
+    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "1", "--val_ratio", "0.25", "--max_epochs", "1",
+            "--save_dir", tmp_path / "holdout", "--output_dir", tmp_path / "out")
+    folds = pd.read_csv(tmp_path / "holdout" / "folds.csv")
+    assert sorted(folds["fold"].unique()) == [-1, 0] and (folds["fold"] == 0).sum() == 12
+    assert len(pd.read_csv(tmp_path / "holdout" / "oof.csv")) == 12
+
+    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "3", "--fold", "2", "--max_epochs", "1",
+            "--save_dir", tmp_path / "one", "--output_dir", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "one").glob("fold_*")) == ["fold_2"]
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["folds_done"] == [2]
+
+    # Class-per-folder layout: no CSVs; the test folder is read in sorted order.
+    run_cli("main.py", "--train_dir", tiny_data / "train", "--test_dir", tiny_data / "test", *FAST, "--kfold", "2",
+            "--max_epochs", "1", "--save_dir", tmp_path / "folders", "--output_dir", tmp_path / "out")
+    sub = pd.read_csv(tmp_path / "folders" / "submission.csv")
+    assert sub["image_path"].tolist() == sorted(os.listdir(tiny_data / "test"))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared TU-Berlin-40 set not present")
+def test_five_folds_on_tuberlin40_match_sample_submission(tmp_path):
+    data = make_subset(SHARED, tmp_path / "data", classes=40, per_class=10, test_images=400)
+    run_cli("main.py", *data_args(data), *FAST, "--kfold", "5", "--max_epochs", "1", "--save_dir", tmp_path / "run",
+            "--output_dir", tmp_path / "out")
+    assert sorted(p.parent.name for p in (tmp_path / "run").glob("fold_*/done.json")) == [f"fold_{i}" for i in range(5)]
+    sub = pd.read_csv(tmp_path / "run" / "submission.csv")
+    sample = pd.read_csv(SHARED / "sample_submission.csv")
+    assert list(sub.columns) == list(sample.columns)
+    assert sub[["ID", "image_path"]].equals(sample[["ID", "image_path"]])
+    assert len(pd.read_csv(tmp_path / "run" / "oof.csv")) == 400
+
+
+def test_resume_after_sigkill_in_fold_two_is_exact(tiny_data, tmp_path):
+    common = [*data_args(tiny_data), *FAST, "--kfold", "3", "--max_epochs", "5", "--deterministic",
+              "--resize_height", "48", "--resize_width", "48", "--mixup", "0.2", "--accumulation_steps", "2"]
+    run_cli("main.py", *common, "--save_dir", tmp_path / "whole", "--output_dir", tmp_path / "out")
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *common, "--save_dir", str(killed),
+                             "--output_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "fold_1" / "last.pth").exists():  # fold 2 has finished its first epoch
+        assert proc.poll() is None and time.time() < deadline, "run ended before reaching fold 2"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "fold_1" / "done.json").exists(), "the kill missed fold 2"
+    assert not (killed / "submission.csv").exists()
+
+    resumed = run_cli("main.py", "--save_dir", killed, "--resume_training", "--num_workers", "2",
+                      "--output_dir", tmp_path / "out")
+    assert "resumed after epoch" in resumed.stderr
+    for name in ("submission.csv", "oof.csv", "test_probs.csv", "folds.csv"):
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    np.testing.assert_array_equal(np.load(killed / "oof_probs.npy"), np.load(tmp_path / "whole" / "oof_probs.npy"))
+    for fold in range(3):
+        a = pd.read_csv(killed / f"fold_{fold}" / "metrics.csv").drop(columns=["images_per_sec", "epoch_time",
+                                                                                "peak_rss_mb"])
+        b = pd.read_csv(tmp_path / "whole" / f"fold_{fold}" / "metrics.csv").drop(
+            columns=["images_per_sec", "epoch_time", "peak_rss_mb"])
+        pd.testing.assert_frame_equal(a, b)
+
+    again = run_cli("main.py", "--save_dir", killed, "--resume_training", "--output_dir", tmp_path / "out")
+    assert "already finished" in again.stderr
+    assert (killed / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
+
+
+def test_resume_keeps_the_run_arguments(kfold_run, tmp_path):
+    run, _, _ = kfold_run
+    before = _snapshot(run)
+    proc = run_cli("main.py", "--save_dir", run, "--resume_training", "--model", "resnet18", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--model was 'test_resnet'" in proc.stderr
+    proc = run_cli("main.py", "--save_dir", run, *FAST, check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert _snapshot(run) == before
+    proc = run_cli("main.py", "--save_dir", tmp_path / "nothing", "--resume_training", check=False)
+    assert proc.returncode == 2 and "no run to resume" in proc.stderr
+
+
+def _corrupt(data: Path) -> None:
+    path = data / "train" / pd.read_csv(data / "train.csv")["image_path"][3]
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _edit_csv(column: str, row: int, value) -> callable:
+    def edit(data: Path) -> None:
+        df = pd.read_csv(data / "train.csv")
+        df[column] = df[column].astype(object)
+        df.loc[row, column] = value
+        df.to_csv(data / "train.csv", index=False)
+
+    return edit
+
+
+BAD_INPUTS = {
+    "missing column": (lambda d: pd.read_csv(d / "train.csv").drop(columns="target").to_csv(d / "train.csv",
+                                                                                            index=False),
+                       [], "missing column(s) ['target']"),
+    "missing image": (_edit_csv("image_path", 2, "nope/none.JPEG"), [], "line 4: image 'nope/none.JPEG' not found"),
+    "corrupt image": (lambda d: _corrupt(d), [], "line 5:"),
+    "target out of range": (_edit_csv("target", 0, 7), [], "line 2: target 7 out of range 0..3"),
+    "empty CSV": (lambda d: (d / "train.csv").write_text(""), [], "empty CSV"),
+    "NaN target": (_edit_csv("target", 1, ""), [], "line 3: target '' is not an integer"),
+    "path escapes": (_edit_csv("image_path", 0, "../test.csv"), [], "outside"),
+    "accumulation 0": (None, ["--accumulation_steps", "0"], "--accumulation_steps must be at least 1"),
+    "negative lr": (None, ["--learning_rate", "-1"], "--learning_rate must not be negative"),
+    "kfold too large": (None, ["--kfold", "13"], "--kfold 13: the smallest class has only 12"),
+    "unknown model": (None, ["--model", "resnet_does_not_exist"], "--model 'resnet_does_not_exist'"),
+    "odd mixup batch": (None, ["--mixup", "0.2", "--batch_size", "7"], "--batch_size 7 must be even"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_written(case, tiny_data, tmp_path, capsys):
+    edit, extra, message = BAD_INPUTS[case]
+    data = make_subset(tiny_data.parent / tiny_data.name, tmp_path / "data", 4, 12, 10) if edit else tiny_data
+    if edit:
+        edit(data)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "earlier.csv").write_text("ID,image_path,target\n0,0.JPEG,1\n")
+    args = [*data_args(data), *FAST, "--max_epochs", "1", "--save_dir", tmp_path / "run", "--output_dir", outputs]
+    args = [a for a in args if a != "--skip_image_check"] + list(extra)
+    with pytest.raises(SystemExit) as exit_info:  # in-process: the same main(), without a new interpreter each
+        main_module.main([str(a) for a in args])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2, stderr
+    assert stderr.strip().count("\n") == 0, stderr
+    assert message in stderr, stderr
+    assert not (tmp_path / "run").exists()
+    assert _snapshot(outputs) == {"earlier.csv": b"ID,image_path,target\n0,0.JPEG,1\n"}
+
+
+def test_no_arguments_use_the_bundled_data():
+    args = main_module.resolve_args(main_module.get_args_parser(), [])
+    assert args.train_csv == ROOT / "data" / "tuberlin10" / "train.csv"
+    assert args.test_dir == ROOT / "data" / "tuberlin10" / "test"
+    assert args.kfold == 5 and args.save_dir.parent.name == "runs"
+    assert (ROOT / "data" / "tuberlin10" / "README.md").read_text().count("Creative Commons") == 1

@@ -1,0 +1,512 @@
+"""The trainer: k-fold training with mixed precision, gradient accumulation, early stopping and exact resume.
+
+A run folder (``--save_dir``) holds everything needed to continue or use the run::
+
+    args.json              the resolved arguments
+    folds.csv              image_path,target,fold of every training image (fold -1: never validated)
+    fold_<i>/last.pth      the whole training state after the latest epoch (atomic)
+    fold_<i>/best.pth      the same at the best validation epoch
+    fold_<i>/metrics.csv   one row per epoch (TensorBoard events beside it, or under --log_dir)
+    fold_<i>/val_probs.npy, test_probs.npy, done.json   the fold's predictions, written once it is finished
+    oof.csv, oof_probs.npy out-of-fold predictions for every validated training image
+    test_probs.csv         test probabilities averaged over the folds (ID,image_path,prob_0..)
+    submission.csv         ID,image_path,target in test.csv's order
+    summary.json           OOF accuracy and per-fold results
+
+The trainer counts optimizer updates, not batches: with ``accumulation_steps`` K, each update averages the
+gradient over the samples of K batches (a short last group over its real size), and the learning-rate schedule
+runs over updates. Each epoch's randomness (order, augmentation, mixup, dropout) derives from (seed, fold, epoch),
+so a run killed at any moment and resumed with ``--resume_training`` ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm.optim
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from timm.data import Mixup
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import inference
+from augmentation import create_transform
+from dataset import DataError, ImageDataset, SeededSampler, Table
+from fileio import atomic_write, write_csv, write_json
+from loss import create_loss
+from model import create_model, has_depthwise_conv, model_data_config
+from seed import derive_seed, get_rng_state, seed_everything, seed_worker, set_rng_state
+
+_logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------- registries
+OPTIMIZERS: dict[str, dict] = {
+    # name -> timm.optim.create_optimizer_v2 arguments (timm skips weight decay on norms and biases).
+    "adamw": {"opt": "adamw"},
+    "adam": {"opt": "adam"},
+    "sgd": {"opt": "sgd", "momentum": 0.9},  # Nesterov momentum
+    "lamb": {"opt": "lamb"},
+    "radam": {"opt": "radam"},
+    "adan": {"opt": "adan"},
+}
+
+
+def _cosine(t: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+SCHEDULERS: dict[str, callable] = {
+    # name -> factor of the peak learning rate at progress t in [0, 1] after warmup
+    "cosine": _cosine,
+    "linear": lambda t: 1.0 - t,
+    "step": lambda t: 0.1 ** int(t * 3),  # divide by 10 at 1/3 and 2/3 of training
+    "constant": lambda t: 1.0,
+}
+
+MONITORS: dict[str, str] = {"val_acc": "max", "val_f1": "max", "val_loss": "min"}
+
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+def create_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """An optimizer from OPTIMIZERS via timm (foreach kernels where available)."""
+    return timm.optim.create_optimizer_v2(model, lr=lr, weight_decay=weight_decay, **OPTIMIZERS[name])
+
+
+def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_updates: int, warmup_updates: int,
+                     min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-update schedule: linear warmup over ``warmup_updates``, then SCHEDULERS[name] down to ``min_lr_ratio``."""
+    shape = SCHEDULERS[name]
+    decay = max(1, total_updates - warmup_updates)
+
+    def factor(update: int) -> float:
+        if update < warmup_updates:
+            return (update + 1) / (warmup_updates + 1)
+        t = min(1.0, (update - warmup_updates) / decay)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape(t)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device, model: torch.nn.Module | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (None: full fp32). The one place precision is decided.
+
+    ``auto``: bf16 on CUDA where supported, else fp16 (with a gradient scaler); on the CPU bf16 where it is native,
+    except for depthwise-convolution nets with batch norm (EfficientNet, MobileNet), which run faster in fp32 there.
+    """
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise DataError("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        if model is not None and has_depthwise_conv(model) and any(
+            isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
+        ):
+            return None
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context for ``dtype`` (a no-op context for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- bookkeeping
+class EarlyStopping:
+    """Stop when the monitored metric has not improved for ``patience`` epochs (0 or less: never stop)."""
+
+    def __init__(self, patience: int, mode: str = "max", min_delta: float = 0.0):
+        self.patience, self.mode, self.min_delta = patience, mode, min_delta
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.should_stop = False
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record ``value`` for ``epoch``; return True if it is a new best."""
+        better = self.best is None or (
+            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+        )
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+            self.should_stop = 0 < self.patience <= self.bad_epochs
+        return better
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "should_stop": self.should_stop}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.bad_epochs, self.should_stop = state["bad_epochs"], state["should_stop"]
+
+
+def accumulation_plan(batch_sizes: list[int], accumulation_steps: int) -> list[tuple[float, bool]]:
+    """For each batch, (loss scale, whether an optimizer update follows it).
+
+    Batches are grouped ``accumulation_steps`` at a time (the last group may be shorter); a batch's mean loss is
+    scaled by its share of the group's samples, so the accumulated gradient is the gradient of the mean loss over
+    the group's samples, exactly as one large batch would give.
+    """
+    plan = []
+    for start in range(0, len(batch_sizes), accumulation_steps):
+        group = batch_sizes[start : start + accumulation_steps]
+        total = sum(group)
+        plan += [(b / total, i == len(group) - 1) for i, b in enumerate(group)]
+    return plan
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write the training state atomically (temporary file, fsync, rename)."""
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code from the file."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Checkpoints are always replaced by new files, never rewritten in place, so a hard link is a safe copy.
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The arguments as JSON- and weights_only-safe values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------- folds
+def make_folds(targets: np.ndarray, kfold: int, val_ratio: float, seed: int) -> np.ndarray:
+    """Fold index per sample: stratified K folds (K >= 2), or one stratified hold-out split (K = 1, -1 = train)."""
+    folds = np.full(len(targets), -1, dtype=np.int64)
+    if kfold >= 2:
+        smallest = np.bincount(targets)[np.bincount(targets) > 0].min()
+        if smallest < kfold:
+            raise DataError(f"--kfold {kfold}: the smallest class has only {smallest} image(s); use --kfold {smallest}"
+                            " or fewer")
+        skf = StratifiedKFold(n_splits=kfold, shuffle=True, random_state=seed % 2**32)
+        for i, (_, val) in enumerate(skf.split(np.zeros(len(targets)), targets)):
+            folds[val] = i
+    else:
+        counts = np.bincount(targets)
+        stratify = targets if counts[counts > 0].min() >= 2 else None
+        _, val = train_test_split(np.arange(len(targets)), test_size=val_ratio, random_state=seed % 2**32,
+                                  stratify=stratify)
+        folds[val] = 0
+    return folds
+
+
+# ----------------------------------------------------------------------------------------------- one epoch
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, amp_dtype, channels_last,
+                    accumulation_steps, mixup_fn=None, clip_grad=None, desc="train") -> dict:
+    """One pass over ``loader``; returns the mean loss, images/s and number of optimizer updates."""
+    model.train()
+    batch_size = loader.batch_size
+    plan = accumulation_plan([batch_size] * len(loader), accumulation_steps)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    total_loss, seen, updates = 0.0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for (images, targets), (scale, do_step) in zip(bar, plan):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        with autocast(device, amp_dtype):
+            loss = criterion(model(images), targets)
+        scaler.scale(loss * scale).backward()
+        if do_step:
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            updates += 1
+        total_loss += loss.item() * images.size(0)
+        seen += images.size(0)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
+
+
+def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tuple[dict, np.ndarray]:
+    """Validation loss, accuracy and macro F1; also the probabilities (N, C)."""
+    logits, targets = inference.predict_logits(model, loader, device, amp_dtype, channels_last, desc=desc)
+    loss = F.cross_entropy(logits, targets).item()
+    pred = logits.argmax(1).numpy()
+    y = targets.numpy()
+    metrics = {"val_loss": loss, "val_acc": float((pred == y).mean()),
+               "val_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+    return metrics, torch.softmax(logits, 1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- one fold
+def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False, shuffle=False):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+                      persistent_workers=num_workers > 0 and sampler is not None,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+def build_training(args: argparse.Namespace, num_classes: int, num_train: int,
+                   device: torch.device) -> argparse.Namespace:
+    """Everything one fold trains with, built from the arguments: each flag reaches its consumer here."""
+    model = create_model(args.model, num_classes, pretrained=args.pretrained, pretrained_path=args.pretrained_path,
+                         drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
+    data_cfg = model_data_config(model)
+    amp_dtype = resolve_amp(args.amp, device, model)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    img_size = (args.resize_height, args.resize_width)
+    norm = {"mean": list(data_cfg["mean"]), "std": list(data_cfg["std"])}
+    optimizer = create_optimizer(args.optimizer, model, args.learning_rate, args.weight_decay)
+    updates_per_epoch = math.ceil((num_train // args.batch_size) / args.accumulation_steps)
+    scheduler = create_scheduler(args.scheduler, optimizer, args.max_epochs * updates_per_epoch,
+                                 round(args.warmup_epochs * updates_per_epoch), args.min_lr / args.learning_rate)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         label_smoothing=0.0, num_classes=num_classes)
+    return argparse.Namespace(
+        model=model, amp_dtype=amp_dtype, img_size=img_size, norm=norm, optimizer=optimizer, scheduler=scheduler,
+        updates_per_epoch=updates_per_epoch, mixup_fn=mixup_fn,
+        train_transform=create_transform(img_size, True, args.aug, **norm),
+        eval_transform=create_transform(img_size, False, **norm),
+        criterion=create_loss(args.loss, num_classes, smoothing=args.smoothing, focal_gamma=args.focal_gamma),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        early=EarlyStopping(args.patience, MONITORS[args.monitor]),
+    )
+
+
+def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndarray, test: Table,
+               run_dir: Path, device: torch.device) -> dict:
+    """Train (or resume) one fold, then write its validation and test predictions; returns its done.json."""
+    fold_dir = run_dir / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done_path = fold_dir / "done.json"
+    if done_path.exists():
+        _logger.info("fold %d: already finished, skipped", fold)
+        return json.loads(done_path.read_text())
+
+    num_classes = len(table.class_names)
+    train_idx = np.flatnonzero(folds != fold)
+    val_idx = np.flatnonzero(folds == fold)
+    if len(train_idx) < args.batch_size:
+        raise DataError(f"--batch_size {args.batch_size} is larger than fold {fold}'s training split "
+                        f"({len(train_idx)} images)")
+
+    seed_everything(derive_seed(args.seed, fold), args.deterministic)
+    paths, targets = np.asarray(table.paths), table.targets
+    t = build_training(args, num_classes, len(train_idx), device)
+    model, optimizer, scheduler, scaler, early = t.model, t.optimizer, t.scheduler, t.scaler, t.early
+    amp_dtype, img_size, norm = t.amp_dtype, t.img_size, t.norm
+    train_ds = ImageDataset(paths[train_idx], targets[train_idx], t.train_transform, img_size)
+    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1))
+    train_loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True)
+    val_loader = _loader(ImageDataset(paths[val_idx], targets[val_idx], t.eval_transform, img_size),
+                         args.batch_size * 2, args.num_workers, device)
+    criterion, mixup_fn, updates_per_epoch, eval_tf = t.criterion, t.mixup_fn, t.updates_per_epoch, t.eval_transform
+
+    start_epoch, updates, history = 0, 0, []
+    last_path, best_path = fold_dir / "last.pth", fold_dir / "best.pth"
+    if last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        early.load_state_dict(ckpt["early_stopping"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, updates, history = ckpt["epoch"] + 1, ckpt["updates"], ckpt["history"]
+        _logger.info("fold %d: resumed after epoch %d (%d updates, best %s %.4f at epoch %d)", fold, ckpt["epoch"],
+                     updates, args.monitor, early.best, early.best_epoch)
+        _write_metrics(history, fold_dir)
+
+    writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch)
+    _logger.info("fold %d: %d train / %d val images, %d updates per epoch, precision %s%s", fold, len(train_idx),
+                 len(val_idx), updates_per_epoch, "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1],
+                 ", channels_last" if args.channels_last else "")
+    try:
+        for epoch in range(start_epoch, args.max_epochs):
+            if early.should_stop:
+                break
+            epoch_start = time.perf_counter()
+            seed_everything(derive_seed(args.seed, fold, epoch), args.deterministic)
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
+                                    args.channels_last, args.accumulation_steps, mixup_fn, args.clip_grad,
+                                    desc=f"fold {fold} epoch {epoch}")
+            updates += stats.pop("updates")
+            metrics, _ = evaluate(model, val_loader, device, amp_dtype, args.channels_last)
+            improved = early.step(metrics[args.monitor], epoch)
+            row = {"epoch": epoch, "updates": updates, "lr": optimizer.param_groups[0]["lr"], **stats, **metrics,
+                   "epoch_time": time.perf_counter() - epoch_start, "peak_rss_mb": peak_rss_mb()}
+            history.append(row)
+            state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "early_stopping": early.state_dict(), "rng": get_rng_state(),
+                     "history": history, "fold": fold, "model_name": args.model, "num_classes": num_classes,
+                     "class_names": table.class_names, "img_size": list(img_size), "data_config": norm,
+                     "args": plain_args(args)}
+            # A new best is written first and last.pth linked to it: killed in between, the run resumes from the
+            # previous last.pth and replays this epoch exactly, so best.pth is never behind the state it claims.
+            save_checkpoint(state, best_path if improved else last_path)
+            if improved:
+                _link_or_copy(best_path, last_path)
+            _write_metrics(history, fold_dir)
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
+                                      value, epoch)
+            writer.flush()
+            _logger.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f lr %.2e "
+                         "%.0f img/s%s", fold, epoch + 1, args.max_epochs, row["train_loss"], row["val_loss"],
+                         row["val_acc"], row["val_f1"], row["lr"], row["images_per_sec"], " *" if improved else "")
+            if early.should_stop:
+                _logger.info("fold %d: early stop, no %s improvement for %d epochs", fold, args.monitor,
+                             args.patience)
+    finally:
+        writer.close()
+
+    # Predictions come from the best epoch's weights.
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    _, val_probs = evaluate(model, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof")
+    test_loader = _loader(ImageDataset(test.paths, None, eval_tf, img_size), args.batch_size * 2, args.num_workers,
+                          device)
+    test_logits, _ = inference.predict_logits(model, test_loader, device, amp_dtype, args.channels_last,
+                                              desc=f"fold {fold} test")
+    for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", torch.softmax(test_logits, 1).numpy())):
+        with atomic_write(fold_dir / name, "wb") as f:
+            np.save(f, arr.astype(np.float32))
+    best_row = history[best["epoch"]] if best["epoch"] < len(history) else {}
+    done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
+            "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
+    write_json(done, done_path)
+    _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])
+    return done
+
+
+def _write_metrics(history: list[dict], fold_dir: Path) -> None:
+    write_csv(pd.DataFrame(history), fold_dir / "metrics.csv", float_format="%.6g")
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def load_or_make_folds(args: argparse.Namespace, table: Table) -> np.ndarray:
+    """The run's saved folds (checked against the data), or new ones; writes nothing."""
+    folds_path = Path(args.save_dir) / "folds.csv"
+    if not folds_path.exists():
+        return make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
+    saved = pd.read_csv(folds_path, dtype={"image_path": str})
+    if saved["image_path"].tolist() != table.rel_paths or saved["target"].tolist() != table.targets.tolist():
+        raise DataError(f"{folds_path}: the training data changed since this run started")
+    return saved["fold"].to_numpy()
+
+
+def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) -> dict:
+    """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission."""
+    run_dir = Path(args.save_dir)
+    device = resolve_device(args.device)
+    folds_path = run_dir / "folds.csv"
+    if not folds_path.exists():
+        write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}), folds_path)
+    fold_ids = [args.fold] if args.fold is not None else list(range(max(args.kfold, 1)))
+    for fold in fold_ids:
+        train_fold(args, fold, table, folds, test, run_dir, device)
+    return finalize(run_dir, table, test, folds)
+
+
+def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dict:
+    """Gather the finished folds: OOF predictions and accuracy, averaged test probabilities, submission."""
+    done = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/done.json"))
+    if not done:
+        raise DataError(f"{run_dir}: no finished fold to predict with")
+    num_classes = len(table.class_names)
+    oof_idx, oof_probs, test_probs, per_fold = [], [], np.zeros((len(test.paths), num_classes)), {}
+    for fold in done:
+        fold_dir = run_dir / f"fold_{fold}"
+        oof_idx.append(np.flatnonzero(folds == fold))
+        oof_probs.append(np.load(fold_dir / "val_probs.npy"))
+        test_probs += np.load(fold_dir / "test_probs.npy")
+        per_fold[fold] = json.loads((fold_dir / "done.json").read_text())["val_acc"]
+    test_probs /= len(done)
+    idx = np.concatenate(oof_idx)
+    order = np.argsort(idx, kind="stable")
+    idx, probs = idx[order], np.concatenate(oof_probs)[order]
+    pred = probs.argmax(1)
+    oof = pd.DataFrame({"image_path": np.asarray(table.rel_paths)[idx], "target": table.targets[idx],
+                        "fold": folds[idx], "pred": pred})
+    oof_acc = float((pred == table.targets[idx]).mean())
+    write_csv(oof, run_dir / "oof.csv")
+    with atomic_write(run_dir / "oof_probs.npy", "wb") as f:
+        np.save(f, probs.astype(np.float32))
+    inference.write_probs(test_probs, test.rel_paths, run_dir / "test_probs.csv")
+    submission = inference.write_submission(test_probs, test.rel_paths, run_dir / "submission.csv")
+    summary = {"oof_acc": oof_acc, "oof_images": len(idx), "folds_done": done, "fold_val_acc": per_fold,
+               "class_names": table.class_names, "submission": str(run_dir / "submission.csv")}
+    write_json(summary, run_dir / "summary.json")
+    _logger.info("OOF accuracy %.4f over %d images from fold(s) %s", oof_acc, len(idx), done)
+    summary["submission_df"] = submission
+    return summary
