@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from seed import derive_seed
@@ -62,6 +62,8 @@ def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
         if im.width * im.height > MAX_PIXELS:
             raise DataError(f"{path}: {im.width}x{im.height} image exceeds the {MAX_PIXELS:,}-pixel limit")
         if draft_size is not None and im.format == "JPEG":
+            if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # stored transposed: swap W and H
+                draft_size = (draft_size[1], draft_size[0])
             im.draft("RGB", draft_size)
         im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
@@ -151,6 +153,13 @@ def _resolve_paths(df: pd.DataFrame, img_dir: Path, problems: list[str]) -> list
     return paths
 
 
+def _lines(mask: np.ndarray) -> str:
+    """The CSV lines (header = line 1) of the rows in ``mask``, the first three of them."""
+    rows = [int(i) + 2 for i in np.flatnonzero(mask)]
+    more = ", ..." if len(rows) > 3 else ""
+    return ("line " if len(rows) == 1 else "lines ") + ", ".join(map(str, rows[:3])) + more
+
+
 def _image_problems(paths: list[str], rel: list[str], check: bool) -> list[str]:
     if not check:
         return []
@@ -183,13 +192,16 @@ def read_train_table(csv_path: str | os.PathLike, img_dir: str | os.PathLike, ch
         by_target = pairs.groupby("t")["n"].unique()
         by_name = pairs.groupby("n")["t"].unique()
         num_classes = len(by_name)
+        # Name the rows of each conflicting pairing, so that the odd ones out are among those named.
+        name_arr, ok = names.to_numpy(), ~bad_t.to_numpy()
         for t, ns in by_target.items():
             if len(ns) > 1:
-                problems.append(f"target {t} has several class names {sorted(ns)}")
+                where = ", ".join(f"{n!r} ({_lines((targets == t) & (name_arr == n) & ok)})" for n in sorted(ns))
+                problems.append(f"target {t} has several class names: {where}")
         for n, ts in by_name.items():
             if len(ts) > 1:
-                rows = [i + 2 for i in np.flatnonzero((names == n).to_numpy())][:3]
-                problems.append(f"class_name {n!r} has several targets {sorted(ts.tolist())} (lines {rows}...)")
+                where = ", ".join(f"{t} ({_lines((name_arr == n) & (targets == t) & ok)})" for t in sorted(ts))
+                problems.append(f"class_name {n!r} has several targets: {where}")
         class_names = [str(i) for i in range(num_classes)]
         for t, ns in by_target.items():
             if 0 <= t < num_classes:
@@ -300,6 +312,8 @@ class SeededSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
         else:
             order = list(range(self.num_samples))
-        order += order[: len(self) * self.num_replicas - len(order)]  # pad so every replica gets as many
+        total = len(self) * self.num_replicas
+        while len(order) < total:  # pad (repeating the order if it is shorter than the padding) so every
+            order += order[: total - len(order)]  # replica gets as many
         for i in order[self.rank :: self.num_replicas]:
             yield i, derive_seed(epoch_seed, i)

@@ -189,6 +189,9 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         parser.error("give --pretrained (hub) or --pretrained_path FILE, not both")
     if args.num_workers < 0:
         parser.error(f"--num_workers must not be negative, got {args.num_workers}")
+    for flag in ("test_solution", "pretrained_path"):
+        if getattr(args, flag) is not None and not getattr(args, flag).is_file():
+            parser.error(f"--{flag} {getattr(args, flag)}: file not found")
     if args.save_dir is None:
         args.save_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
     elif (args.save_dir / "args.json").exists():

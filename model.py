@@ -44,24 +44,35 @@ class ModelError(ValueError):
 def resolve_model_name(name: str) -> str:
     """The timm model name for ``name`` (a key of MODELS or any timm name); ModelError with suggestions if unknown."""
     full = MODELS.get(name, name)
-    if timm.is_model(full.split(".")[0]):
-        return full
-    close = difflib.get_close_matches(name, list(MODELS) + timm.list_models(), n=5, cutoff=0.6)
+    arch = full.split(".")[0]
+    if timm.is_model(arch):
+        try:
+            timm.models.get_pretrained_cfg(full)  # RuntimeError for a pretrained tag the architecture does not have
+            return full
+        except RuntimeError:
+            tags = list(timm.models.get_arch_pretrained_cfgs(arch))
+            close = difflib.get_close_matches(full, tags, n=5, cutoff=0.0)
+            raise ModelError(f"--model {name!r}: {arch} has no pretrained tag {full.partition('.')[2]!r}"
+                             + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+    close = difflib.get_close_matches(name, list(dict.fromkeys(list(MODELS) + timm.list_models())), n=5, cutoff=0.6)
     raise ModelError(f"--model {name!r}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def _hub_host(full_name: str) -> str:
+def _hub_address(full_name: str) -> tuple[str, int] | None:
+    """(host, port) the pretrained weights of ``full_name`` come from, or None if timm has none."""
     cfg = timm.models.get_pretrained_cfg(full_name, allow_unregistered=True)
     if cfg is not None and cfg.hf_hub_id:
-        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    if cfg is not None and cfg.url:
-        return urlparse(cfg.url).hostname or ""
-    return ""
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    elif cfg is not None and cfg.url:
+        url = urlparse(cfg.url)
+    else:
+        return None
+    return url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
 
 
-def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
+def _hub_reachable(address: tuple[str, int], timeout: float = 3.0) -> bool:
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection(address, timeout=timeout):
             return True
     except OSError:
         return False
@@ -84,26 +95,25 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
         kwargs["pretrained"] = True
         source = "the hub"
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        host = _hub_host(full)
-        if not host:
+        address = _hub_address(full)
+        if address is None:
             raise ModelError(f"--model {name}: timm has no pretrained weights for {full}; drop --pretrained")
-        if not offline and not _hub_reachable(host):
-            # Fail in seconds rather than after a minute of retries; weights already cached still load.
+        if offline or not _hub_reachable(address):
+            # Fail in seconds rather than after a minute of retries; weights already cached still load. The hub
+            # client reads HF_HUB_OFFLINE once at import, so set its constant too.
             import huggingface_hub.constants as hf_constants
 
             hf_constants.HF_HUB_OFFLINE = True
-            offline = True
-        if offline:
             source = "the local hub cache"
     else:
         source = None
     try:
         model = timm.create_model(full, **kwargs)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:  # an unreadable file fails in many ways (EOFError, struct.error, SafetensorError...)
         if pretrained_path is not None:
-            raise ModelError(f"--pretrained_path {pretrained_path}: cannot load into {full} "
-                             f"({str(e).splitlines()[0][:200]})") from None
-        if source is not None:
+            reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+            raise ModelError(f"--pretrained_path {pretrained_path}: cannot load into {full} ({reason})") from None
+        if source is not None and isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
             raise ModelError(f"--model {name}: pretrained weights for {full} cannot be fetched from {source} "
                              "(no connection to the hub); download them elsewhere and pass --pretrained_path FILE"
                              ) from None

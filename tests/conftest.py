@@ -11,6 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+# Tests never reach a model hub: the hub client reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "tuberlin10"
 SHARED = ROOT.parent / "shared" / "datasets" / "tuberlin40"

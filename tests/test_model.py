@@ -1,0 +1,393 @@
+"""model.py: the registry of backbones, timm names, local pretrained files, the hub failing fast, model helpers.
+
+Models are built with random weights; the large ones only on the meta device, so no memory is allocated for them.
+Nothing here downloads weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import model as model_module
+from model import (
+    MODELS,
+    ModelError,
+    count_parameters,
+    create_model,
+    has_depthwise_conv,
+    load_weights,
+    model_data_config,
+    resolve_model_name,
+)
+from seed import get_rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _meta_model(name: str, num_classes: int = 7) -> torch.nn.Module:
+    with torch.device("meta"):
+        return create_model(name, num_classes=num_classes).eval()
+
+
+def _classifier_prefix(model: torch.nn.Module) -> str:
+    return model.pretrained_cfg["classifier"] + "."
+
+
+@pytest.fixture
+def restore_torch_rng():
+    with torch.random.fork_rng():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- the registry
+@pytest.mark.parametrize("key", list(MODELS))
+def test_registry_entry_is_a_pretrained_timm_model(key: str) -> None:
+    full = MODELS[key]
+    assert resolve_model_name(key) == full
+    arch, _, tag = full.partition(".")
+    assert tag, f"{key}: give the pretrained tag, not just the architecture"
+    assert timm.is_model(arch)
+    cfg = timm.models.get_pretrained_cfg(full)
+    assert cfg is not None and cfg.tag == tag
+    assert cfg.hf_hub_id or cfg.url
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_registry_entry_builds_with_a_new_head(key: str) -> None:
+    m = _meta_model(key, num_classes=7)
+    assert all(t.is_meta for t in [*m.parameters(), *m.buffers()])  # eva_giant's 1e9 weights take no memory
+    head = m.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 7
+    cfg = model_data_config(m)
+    assert cfg["input_size"][0] == 3
+    with torch.no_grad():
+        out = m(torch.empty(2, *cfg["input_size"], device="meta"))
+    assert out.shape == (2, 7)
+
+
+def test_registry_input_sizes_of_the_strong_backbones() -> None:
+    assert model_data_config(_meta_model("convnext_base"))["input_size"] == (3, 384, 384)
+    assert model_data_config(_meta_model("eva02_base"))["input_size"] == (3, 448, 448)
+    assert model_data_config(_meta_model("eva_giant"))["input_size"] == (3, 336, 336)
+
+
+# ----------------------------------------------------------------------------------------------- timm names
+@pytest.mark.parametrize("name", ["test_resnet", "resnet18.a1_in1k", "test_efficientnet", "mobilenetv3_small_050"])
+def test_any_timm_name(name: str) -> None:
+    assert resolve_model_name(name) == name
+    m = create_model(name, num_classes=3)
+    assert m.get_classifier().out_features == 3
+    assert all(not t.is_meta for t in m.parameters())
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_tiny_model_forward_and_drop_rates() -> None:
+    torch.manual_seed(0)
+    m = create_model("test_resnet", num_classes=4, drop_rate=0.3, drop_path_rate=0.1).eval()
+    assert m.drop_rate == 0.3
+    with torch.no_grad():
+        out = m(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    assert count_parameters(m) == sum(p.numel() for p in m.parameters())
+    m.get_classifier().requires_grad_(False)
+    assert count_parameters(m) == sum(p.numel() for p in m.parameters()) - sum(
+        p.numel() for p in m.get_classifier().parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [
+        ("resnet_18x", "resnet18"),
+        ("convnext_atoo", "convnext_atto"),
+        ("eva_gaint", "eva_giant"),
+        ("resnet18.bogus", ""),
+    ],
+)
+def test_unknown_name_suggests(name: str, suggestion: str) -> None:
+    with pytest.raises(ModelError) as info:
+        resolve_model_name(name)
+    msg = str(info.value)
+    assert "\n" not in msg and repr(name) in msg and "did you mean" in msg
+    suggested = msg.split("did you mean ", 1)[1].rstrip("?").split(", ")
+    assert len(suggested) == len(set(suggested)) <= 5  # a name in both MODELS and timm is offered once
+    assert all(s in MODELS or resolve_model_name(s) == s for s in suggested)
+    if suggestion:
+        assert suggestion in suggested
+    with pytest.raises(ModelError):  # create_model checks the name before building anything
+        create_model(name, num_classes=3)
+
+
+def test_unknown_pretrained_tag_suggests_the_real_tags() -> None:
+    with pytest.raises(ModelError, match=r"has no pretrained tag 'bogus'; did you mean") as info:
+        create_model("resnet18.bogus", num_classes=3, pretrained=True)
+    assert "resnet18.a1_in1k" in str(info.value)
+
+
+def test_nonsense_name_has_no_suggestions() -> None:
+    with pytest.raises(ModelError, match=r"^--model 'qqqzzzxxx': not a timm model$"):
+        resolve_model_name("qqqzzzxxx")
+
+
+# ----------------------------------------------------------------------------------------------- --pretrained_path
+@pytest.fixture(scope="module")
+def source_weights(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
+    """A seeded random test_resnet with timm's default 1000-class head, its state dict and a folder of files."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        src = timm.create_model("test_resnet")
+    assert src.get_classifier().out_features == 1000
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(state, folder / "weights.pth")
+    safetensors.torch.save_file(state, str(folder / "weights.safetensors"))
+    return state, folder
+
+
+def _suite_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint as the trainer writes one: the model plus optimizer, RNG state and plain bookkeeping values."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()
+    torch.save(
+        {
+            "epoch": 3,
+            "updates": 120,
+            "model": state,
+            "optimizer": optimizer.state_dict(),
+            "rng": get_rng_state(),
+            "history": [{"epoch": 0, "val_acc": 0.5}],
+            "fold": 1,
+            "model_name": "test_resnet",
+            "num_classes": len(state["fc.bias"]),
+            "class_names": ["airplane", "cat"],
+            "img_size": [32, 32],
+            "data_config": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            "args": {"lr": 0.1, "model": "test_resnet"},
+        },
+        path,
+    )
+
+
+@pytest.mark.parametrize("kind", ["weights.pth", "weights.safetensors", "suite_checkpoint.pth"])
+def test_pretrained_path_loads_backbone_exactly(source_weights, kind: str) -> None:
+    state, folder = source_weights
+    path = folder / kind
+    if kind == "suite_checkpoint.pth":
+        _suite_checkpoint(path, state)
+    m = create_model("test_resnet", num_classes=5, pretrained_path=str(path))
+    assert m.get_classifier().out_features == 5
+    head = _classifier_prefix(m)
+    loaded = m.state_dict()
+    backbone = [k for k in state if not k.startswith(head)]
+    assert sorted(backbone) == sorted(k for k in loaded if not k.startswith(head))
+    assert len(backbone) > 10
+    for k in backbone:
+        assert torch.equal(loaded[k], state[k]), k
+    assert loaded[head + "weight"].shape == (5, state[head + "weight"].shape[1])
+    # The new head is freshly initialised, not a slice of the saved 1000-class one.
+    assert not torch.equal(loaded[head + "weight"], state[head + "weight"][:5])
+
+
+def test_pretrained_path_with_matching_head_keeps_it(source_weights) -> None:
+    state, folder = source_weights
+    m = create_model("test_resnet", num_classes=1000, pretrained_path=str(folder / "weights.pth"))
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_pretrained_path_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(ModelError, match="file not found") as info:
+        create_model("test_resnet", num_classes=5, pretrained_path=str(missing))
+    assert str(missing) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="file not found"):  # a folder is not a weights file
+        create_model("test_resnet", num_classes=5, pretrained_path=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("filename", "content"),
+    [
+        ("garbage.pth", np.random.default_rng(0).bytes(4096)),
+        ("garbage.bin", np.random.default_rng(1).bytes(100)),
+        ("garbage.safetensors", np.random.default_rng(2).bytes(4096)),
+        ("empty.pth", b""),
+        ("text.pth", b"not a checkpoint\n"),
+    ],
+)
+def test_pretrained_path_unreadable_file(tmp_path: Path, filename: str, content: bytes) -> None:
+    path = tmp_path / filename
+    path.write_bytes(content)
+    with pytest.raises(ModelError) as info:
+        create_model("test_resnet", num_classes=5, pretrained_path=str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"--pretrained_path {path}: cannot load into test_resnet (") and "\n" not in msg
+
+
+def test_pretrained_path_of_another_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    with pytest.raises(ModelError, match=re.escape(f"--pretrained_path {path}: cannot load into test_resnet")):
+        create_model("test_resnet", num_classes=5, pretrained_path=str(path))
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_pretrained_path_never_runs_code_from_the_file(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "malicious.pth"
+    torch.save({"model": {"fc.bias": torch.zeros(3)}, "extra": _Payload(marker)}, path)
+    with pytest.raises(ModelError, match=re.escape(f"--pretrained_path {path}: cannot load")):
+        create_model("test_resnet", num_classes=5, pretrained_path=str(path))
+    with pytest.raises(pickle.UnpicklingError):  # load_weights reads checkpoints the same safe way
+        load_weights(create_model("test_resnet", num_classes=5), path)
+    assert not marker.exists()
+    # Control: the payload is real, an unrestricted load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+# ----------------------------------------------------------------------------------------------- the hub
+_HUB_SCRIPT = """
+import json, model
+try:
+    model.create_model("resnet18", 3, pretrained=True)
+except model.ModelError as e:
+    print(json.dumps(str(e)))
+    raise SystemExit(3)
+print(json.dumps("loaded"))
+"""
+
+
+@pytest.fixture(scope="module")
+def hub_attempts(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """``create_model(pretrained=True)`` in fresh processes (the hub client reads HF_HUB_OFFLINE at import), with
+    HF_HUB_OFFLINE=1 and without it, side by side; empty caches so nothing cached can stand in for the hub."""
+    cache = tmp_path_factory.mktemp("empty_cache")
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    base.update(HF_HOME=str(cache / "hf"), TORCH_HOME=str(cache / "torch"), PYTHONDONTWRITEBYTECODE="1")
+    # "no_network": the hub's address is a closed local port, so the unreachable path runs without leaving the machine.
+    envs = {"offline": {**base, "HF_HUB_OFFLINE": "1"}, "no_network": {**base, "HF_ENDPOINT": "http://127.0.0.1:9"}}
+    procs = {}
+    for key, env in envs.items():
+        procs[key] = (
+            subprocess.Popen(
+                [sys.executable, "-c", _HUB_SCRIPT],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ),
+            time.perf_counter(),
+        )
+    results = {}
+    for key, (proc, start) in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        results[key] = (
+            subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+            time.perf_counter() - start,
+        )
+    return results
+
+
+@pytest.mark.parametrize("key", ["offline", "no_network"])
+def test_hub_unreachable_fails_fast_with_the_hint(hub_attempts, key: str) -> None:
+    proc, elapsed = hub_attempts[key]
+    assert proc.returncode == 3, f"rc {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    msg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "\n" not in msg
+    assert msg.startswith("--model resnet18: pretrained weights for resnet18.a1_in1k cannot be fetched")
+    assert "pass --pretrained_path FILE" in msg
+    assert elapsed < 20, f"took {elapsed:.1f} s to give up on the hub"
+
+
+def test_pretrained_path_wins_over_the_hub(source_weights, monkeypatch) -> None:
+    """With a local file the hub is never asked, even with pretrained=True."""
+    state, folder = source_weights
+    monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: pytest.fail("hub contacted"))
+    m = create_model("test_resnet", num_classes=2, pretrained=True, pretrained_path=str(folder / "weights.pth"))
+    head = _classifier_prefix(m)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items() if not k.startswith(head))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("test_efficientnet", True),
+        ("efficientnet_b0", True),
+        ("convnext_atto", True),
+        ("resnet18", False),
+        ("test_resnet", False),
+        ("eva02_base", False),
+    ],
+)
+def test_has_depthwise_conv(name: str, expected: bool) -> None:
+    m = create_model(name, num_classes=3) if name.startswith("test_") else _meta_model(name, 3)
+    assert has_depthwise_conv(m) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "mean", "std"),
+    [
+        ("efficientnet_b0", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ("eva02_base", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ],
+)
+def test_model_data_config(name: str, mean: tuple, std: tuple) -> None:
+    cfg = model_data_config(_meta_model(name))
+    assert set(cfg) == {"mean", "std", "input_size"}
+    for key, want in (("mean", mean), ("std", std)):
+        assert isinstance(cfg[key], tuple) and len(cfg[key]) == 3
+        assert all(isinstance(v, float) for v in cfg[key])
+        assert cfg[key] == pytest.approx(tuple(want))
+    assert len(cfg["input_size"]) == 3
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_load_weights_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    trained = create_model("test_resnet", num_classes=4)
+    with torch.no_grad():  # a training-mode pass moves the batch-norm running statistics off their init
+        trained.train()(torch.randn(4, 3, 32, 32))
+    path = tmp_path / "best.pth"
+    _suite_checkpoint(path, trained.state_dict())
+    torch.manual_seed(8)
+    fresh = create_model("test_resnet", num_classes=4)
+    assert not all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+    ckpt = load_weights(fresh, path)
+    assert ckpt["epoch"] == 3 and ckpt["class_names"] == ["airplane", "cat"]
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+
+
+def test_load_weights_wrong_head_fails(tmp_path: Path) -> None:
+    path = tmp_path / "best.pth"
+    _suite_checkpoint(path, create_model("test_resnet", num_classes=4).state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(create_model("test_resnet", num_classes=6), path)

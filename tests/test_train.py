@@ -1,0 +1,244 @@
+"""The trainer's parts: accumulation arithmetic, schedules, optimizers, early stopping, precision, folds, wiring."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import main as main_module
+import train
+from augmentation import SketchAutoAugment
+from dataset import DataError
+from loss import CrossEntropy, FocalLoss
+from model import ModelError
+
+
+# ----------------------------------------------------------------------------------------------- accumulation
+def test_accumulation_plan_exact():
+    assert train.accumulation_plan([8] * 5, 2) == [(0.5, False), (0.5, True), (0.5, False), (0.5, True), (1.0, True)]
+    assert train.accumulation_plan([8, 8, 4], 3) == [(0.4, False), (0.4, False), (0.2, True)]
+    assert train.accumulation_plan([8, 8, 4], 2) == [(0.5, False), (0.5, True), (1.0, True)]
+    assert train.accumulation_plan([6] * 3, 1) == [(1.0, True)] * 3
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+
+
+def test_accumulated_updates_equal_large_batch_updates():
+    """5 batches of 4 with accumulation 3: two updates, over 12 and 8 samples, exactly as two large batches."""
+    torch.manual_seed(1)
+    x, y = torch.randn(20, 3, 2, 2), torch.randint(0, 3, (20,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False, drop_last=True)
+    model = _tiny_net()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched, scaler,
+                                  torch.device("cpu"), None, False, accumulation_steps=3)
+    assert stats["updates"] == 2
+
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for group in (slice(0, 12), slice(12, 20)):
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x[group]), y[group]).backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_bounds_the_update():
+    x, y = torch.randn(8, 3, 2, 2) * 100, torch.randint(0, 3, (8,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = _tiny_net()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    train.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched,
+                          torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None, False, 1,
+                          clip_grad=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm() <= 1e-3 * (1 + 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("name", sorted(train.SCHEDULERS))
+def test_scheduler_warmup_then_decay(name):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = train.create_scheduler(name, opt, total_updates=100, warmup_updates=10, min_lr_ratio=0.01)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 11)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "warmup must rise"
+    assert lrs[10] == pytest.approx(0.1)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:])), "no rise after warmup"
+    final = {"cosine": 0.01, "linear": 0.01, "step": 0.01 + 0.99 * 0.01, "constant": 1.0}[name]
+    factor = sched.lr_lambdas[0](100)
+    assert factor == pytest.approx(final if name != "step" else 0.01 + 0.99 * 0.001)
+    if name == "cosine":
+        assert sched.lr_lambdas[0](55) == pytest.approx(0.01 + 0.99 * 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("name", sorted(train.OPTIMIZERS))
+def test_optimizer_steps_and_skips_decay_on_norms_and_biases(name):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    opt = train.create_optimizer(name, model, lr=0.01, weight_decay=0.05)
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.05] and all(g["lr"] == 0.01 for g in opt.param_groups)
+    no_decay = next(g for g in opt.param_groups if g["weight_decay"] == 0)
+    assert all(p.ndim <= 1 for p in no_decay["params"])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------- early stopping
+def test_early_stopping_and_its_state():
+    stop = train.EarlyStopping(patience=2, mode="max")
+    assert [stop.step(v, e) for e, v in enumerate([0.5, 0.6, 0.6, 0.55])] == [True, True, False, False]
+    assert stop.should_stop and stop.best == 0.6 and stop.best_epoch == 1
+
+    first = train.EarlyStopping(patience=3, mode="min")
+    for e, v in enumerate([1.0, 0.8, 0.9]):
+        first.step(v, e)
+    second = train.EarlyStopping(patience=3, mode="min")
+    second.load_state_dict(first.state_dict())
+    for e, v in enumerate([0.85, 0.95, 0.7], start=3):
+        assert first.step(v, e) == second.step(v, e)
+        assert first.should_stop == second.should_stop
+    never = train.EarlyStopping(patience=0)
+    for e in range(20):
+        never.step(0.1, e)
+    assert not never.should_stop
+
+
+# ----------------------------------------------------------------------------------------------- precision, folds
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert train.resolve_amp("none", cpu) is None
+    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(DataError, match="--amp fp16 needs a CUDA device"):
+        train.resolve_amp("fp16", cpu)
+    import timm
+
+    with torch.device("meta"):
+        resnet, effnet = timm.create_model("resnet18"), timm.create_model("efficientnet_b0")
+    native = train.cpu_has_native_bf16()
+    assert train.resolve_amp("auto", cpu, resnet) is (torch.bfloat16 if native else None)
+    assert train.resolve_amp("auto", cpu, effnet) is None  # depthwise + batch norm: fp32 is faster on CPUs
+
+
+def test_make_folds_stratified_and_seeded():
+    targets = np.repeat(np.arange(4), [10, 10, 15, 5])
+    folds = train.make_folds(targets, 5, 0.2, seed=3)
+    for f in range(5):
+        assert np.bincount(targets[folds == f], minlength=4).tolist() == [2, 2, 3, 1]
+    assert (train.make_folds(targets, 5, 0.2, seed=3) == folds).all()
+    assert not (train.make_folds(targets, 5, 0.2, seed=4) == folds).all()
+    holdout = train.make_folds(targets, 1, 0.25, seed=3)
+    assert set(holdout) == {-1, 0} and (holdout == 0).sum() == 10
+    with pytest.raises(DataError, match="--kfold 6: the smallest class has only 5"):
+        train.make_folds(targets, 6, 0.2, seed=3)
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+def _build(*argv: str, num_classes: int = 5, num_train: int = 64) -> argparse.Namespace:
+    parser = main_module.get_args_parser()
+    args = main_module.resolve_args(parser, ["--model", "test_resnet", "--save_dir", "/nonexistent/run", *argv])
+    return train.build_training(args, num_classes, num_train, torch.device("cpu"))
+
+
+def _lr_factor(t, update):
+    return t.scheduler.lr_lambdas[0](update)
+
+
+FLAG_CHECKS = {
+    "model": (["--model", "test_vit"], lambda t: type(t.model).__name__ == "VisionTransformer"),
+    "drop_rate": (["--drop_rate", "0.3"], lambda t: t.model.drop_rate == 0.3),
+    "drop_path": (["--drop_path", "0.2"],
+                  lambda t: max(getattr(m, "drop_prob", 0) for m in t.model.modules()) == pytest.approx(0.2)),
+    "resize_height": (["--resize_height", "40", "--resize_width", "24"],
+                      lambda t: t.img_size == (40, 24)
+                      and t.eval_transform(image=np.full((50, 50, 3), 255, np.uint8))["image"].shape == (3, 40, 24)),
+    "aug": (["--aug", "sketch"], lambda t: any(isinstance(x, SketchAutoAugment) for x in t.train_transform.transforms)
+            and not any(isinstance(x, SketchAutoAugment) for x in t.eval_transform.transforms)),
+    "mixup": (["--mixup", "0.4", "--cutmix", "1.2", "--mixup_prob", "0.7"],
+              lambda t: (t.mixup_fn.mixup_alpha, t.mixup_fn.cutmix_alpha, t.mixup_fn.mix_prob) == (0.4, 1.2, 0.7)),
+    "loss": (["--loss", "focal", "--focal_gamma", "3.5"],
+             lambda t: isinstance(t.criterion, FocalLoss) and t.criterion.gamma == 3.5),
+    "smoothing": (["--loss", "label_smoothing", "--smoothing", "0.2"],
+                  lambda t: isinstance(t.criterion, CrossEntropy) and t.criterion.smoothing == 0.2),
+    "optimizer": (["--optimizer", "sgd"], lambda t: isinstance(t.optimizer, torch.optim.SGD)),
+    "learning_rate": (["--learning_rate", "0.02"],
+                      lambda t: all(g["initial_lr"] == 0.02 for g in t.optimizer.param_groups)),
+    "weight_decay": (["--weight_decay", "0.3"],
+                     lambda t: max(g["weight_decay"] for g in t.optimizer.param_groups) == 0.3),
+    "batch_size": (["--batch_size", "16", "--accumulation_steps", "3"], lambda t: t.updates_per_epoch == 2),
+    "scheduler": (["--scheduler", "constant", "--warmup_epochs", "0"], lambda t: _lr_factor(t, 1000) == 1.0),
+    "warmup_epochs": (["--warmup_epochs", "2", "--batch_size", "16"],  # 4 updates an epoch: 8 warmup updates
+                      lambda t: _lr_factor(t, 7) < 1.0 and _lr_factor(t, 8) == 1.0),
+    "min_lr": (["--min_lr", "1e-4", "--learning_rate", "1e-3", "--max_epochs", "2", "--batch_size", "32"],
+               lambda t: _lr_factor(t, 4) == pytest.approx(0.1)),
+    "max_epochs": (["--max_epochs", "3", "--batch_size", "32", "--warmup_epochs", "0", "--min_lr", "0"],
+                   lambda t: _lr_factor(t, 3) == pytest.approx(0.5)),
+    "patience": (["--patience", "7", "--monitor", "val_loss"],
+                 lambda t: (t.early.patience, t.early.mode) == (7, "min")),
+    "amp": (["--amp", "none"], lambda t: t.amp_dtype is None and not t.scaler.is_enabled()),
+    "channels_last": (["--no-channels_last"], lambda t: all(p.is_contiguous() for p in t.model.parameters())),
+}
+FLAG_CHECKS["accumulation_steps"] = FLAG_CHECKS["batch_size"]
+FLAG_CHECKS["resize_width"] = FLAG_CHECKS["resize_height"]
+FLAG_CHECKS["cutmix"] = FLAG_CHECKS["mixup_prob"] = FLAG_CHECKS["mixup"]
+FLAG_CHECKS["focal_gamma"] = FLAG_CHECKS["loss"]
+FLAG_CHECKS["monitor"] = FLAG_CHECKS["patience"]
+# Flags whose consumer is checked elsewhere: end to end in test_main.py, or in test_model.py.
+CHECKED_ELSEWHERE = {
+    "train_dir", "train_csv", "test_dir", "test_csv", "test_solution", "num_workers", "skip_image_check", "kfold",
+    "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
+    "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
+}
+
+
+@pytest.mark.parametrize("flag", sorted(set(FLAG_CHECKS)))
+def test_flag_reaches_its_consumer(flag):
+    argv, check = FLAG_CHECKS[flag]
+    assert check(_build(*argv)), f"--{flag} did not reach its consumer"
+
+
+def test_every_flag_is_checked():
+    dests = {a.dest for a in main_module.get_args_parser()._actions if a.option_strings and a.dest != "help"}
+    assert dests - set(FLAG_CHECKS) - CHECKED_ELSEWHERE == set()
+
+
+def test_channels_last_default_on():
+    t = _build()
+    conv = next(m for m in t.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pretrained_flags_reach_create_model(tmp_path):
+    import timm
+
+    torch.manual_seed(5)
+    source = timm.create_model("test_resnet")
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    t = _build("--pretrained_path", str(tmp_path / "weights.pth"))
+    loaded, saved = t.model.state_dict(), source.state_dict()
+    backbone = [k for k in saved if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(loaded[k], saved[k]) for k in backbone)
+    assert t.model.get_classifier().out_features == 5
+    with pytest.raises(ModelError, match="pass --pretrained_path FILE"):
+        _build("--model", "resnet18", "--pretrained")
