@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from seed import derive_seed
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+MAX_CLASSES = 1_000_000  # targets beyond this are refused as typos
 MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
 _MAX_LISTED = 8  # bad rows named in one error line before "... and N more"
 
@@ -116,7 +118,7 @@ def _fail(source: str, problems: list[str]) -> None:
         raise DataError(f"{source}: {len(problems)} bad row(s): " + "; ".join(problems[:_MAX_LISTED]) + more)
 
 
-def _read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> pd.DataFrame:
+def _read_csv(csv_path: str | os.PathLike, required: Sequence[str], allowed: Sequence[str]) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: file not found")
@@ -129,24 +131,37 @@ def _read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> pd.DataFr
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}")
+    extra = [c for c in df.columns if c not in allowed]
+    if extra:
+        raise DataError(f"{csv_path}: unexpected column(s) {extra}; expected {','.join(allowed)}")
     if df.empty:
         raise DataError(f"{csv_path}: no rows")
     return df
 
 
 def _resolve_paths(df: pd.DataFrame, img_dir: Path, problems: list[str]) -> list[str]:
-    """Absolute paths for the CSV's image_path column; paths that escape ``img_dir`` or do not exist are problems."""
+    """Absolute paths for the CSV's image_path column; paths that escape ``img_dir`` or do not exist are problems.
+
+    The escape check is lexical (no ``..``, not absolute), so symbolic links inside the folder (a DVC cache, say)
+    still work, while no CSV row can name a file outside it.
+    """
     root = img_dir.resolve()
     paths = []
     seen: dict[str, int] = {}
     for i, rel in enumerate(df["image_path"]):
         line = f"line {i + 2}"
-        p = (root / rel).resolve()
-        if not rel or Path(rel).is_absolute() or not p.is_relative_to(root):
+        p = Path(os.path.normpath(root / rel))
+        try:
+            exists = p.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            exists = None
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or not p.is_relative_to(root):
             problems.append(f"{line}: image_path {rel!r} is outside {img_dir}")
         elif rel in seen:
             problems.append(f"{line}: image_path {rel!r} repeats line {seen[rel]}")
-        elif not p.is_file():
+        elif exists is None:
+            problems.append(f"{line}: image_path {rel!r} is not a usable file name")
+        elif not exists:
             problems.append(f"{line}: image {rel!r} not found in {img_dir}")
         seen.setdefault(rel, i + 2)
         paths.append(str(p))
@@ -160,27 +175,38 @@ def _lines(mask: np.ndarray) -> str:
     return ("line " if len(rows) == 1 else "lines ") + ", ".join(map(str, rows[:3])) + more
 
 
-def _image_problems(paths: list[str], rel: list[str], check: bool) -> list[str]:
-    if not check:
-        return []
-    return [f"line {i + 2}: {rel[i]!r} {why}" for i, why in check_images(paths)]
+def _check_rows(source: str, paths: list[str], rel: list[str], check: bool, skip_bad: bool, unit: str = "line",
+                offset: int = 2) -> np.ndarray:
+    """Decode every image (``check``); fail listing the bad ones, or (``skip_bad``) return the mask of good rows."""
+    keep = np.ones(len(paths), dtype=bool)
+    bad = check_images(paths) if check else []
+    problems = [f"{unit} {i + offset}: {rel[i]!r} {why}" for i, why in bad]
+    if problems and skip_bad:
+        keep[[i for i, _ in bad]] = False
+        _logger.warning("%s: skipping %d unreadable image(s) (--skip_bad_images): %s", source, len(bad),
+                        "; ".join(problems[:_MAX_LISTED]) + (" ..." if len(problems) > _MAX_LISTED else ""))
+    else:
+        _fail(source, problems)
+    return keep
 
 
-def read_train_table(csv_path: str | os.PathLike, img_dir: str | os.PathLike, check: bool = True) -> Table:
+def read_train_table(csv_path: str | os.PathLike, img_dir: str | os.PathLike, check: bool = True,
+                     skip_bad: bool = False) -> Table:
     """Read and validate a ``class_name,image_path,target`` CSV (class_name optional) against its image folder.
 
     Checks columns, integer targets in 0..C-1 (C = the number of class names, or max target + 1 without them),
     one class name per target, paths inside ``img_dir``, unique and existing, and (``check``) that every image
-    decodes. Raises :class:`DataError` listing every bad row.
+    decodes. Raises :class:`DataError` listing every bad row; ``skip_bad`` drops undecodable images instead.
     """
     source = str(csv_path)
-    df = _read_csv(csv_path, ["image_path", "target"])
+    df = _read_csv(csv_path, ["image_path", "target"], ["class_name", "image_path", "target"])
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
     problems: list[str] = []
     targets = pd.to_numeric(df["target"], errors="coerce")
-    bad_t = targets.isna() | (targets != targets.round())
+    # Integers only, and not absurd ones (inf, 1e30) that would overflow or ask for a billion classes.
+    bad_t = targets.isna() | (targets != targets.round()) | (targets.abs() > MAX_CLASSES)
     for i in np.flatnonzero(bad_t.to_numpy()):
         problems.append(f"line {i + 2}: target {df['target'].iloc[i]!r} is not an integer")
     targets = targets.where(~bad_t, -1).astype(np.int64).to_numpy()
@@ -215,27 +241,32 @@ def read_train_table(csv_path: str | os.PathLike, img_dir: str | os.PathLike, ch
     rel = df["image_path"].astype(str).tolist()
     paths = _resolve_paths(df, img_dir, problems)
     _fail(source, problems)
-    _fail(source, _image_problems(paths, rel, check))
+    keep = _check_rows(source, paths, rel, check, skip_bad)
+    paths, rel, targets = [p for p, k in zip(paths, keep) if k], [r for r, k in zip(rel, keep) if k], targets[keep]
     missing = sorted(set(range(num_classes)) - set(targets.tolist()))
     if missing:
         _logger.warning("%s: no training image for class(es) %s", source, missing[:20])
     return Table(paths, rel, targets, class_names, source)
 
 
-def read_folder_table(img_dir: str | os.PathLike, check: bool = True) -> Table:
+def read_folder_table(img_dir: str | os.PathLike, check: bool = True, skip_bad: bool = False) -> Table:
     """A class-per-folder tree (``img_dir/<class>/<image>``): targets are the indices of the sorted folder names."""
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
-    classes = sorted(d.name for d in img_dir.iterdir() if d.is_dir())
+    names = [d.name for d in img_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    # Numbered class folders (0, 1, ..., 10) keep their numbers as targets; other names sort as text.
+    classes = sorted(names, key=int) if names and all(n.isdigit() for n in names) else sorted(names)
     rows = [(f"{c}/{f.name}", t) for t, c in enumerate(classes) for f in sorted((img_dir / c).iterdir())
             if f.suffix.lower() in IMG_EXTENSIONS]
     if not rows:
         raise DataError(f"{img_dir}: no images in class sub-folders")
     rel = [r for r, _ in rows]
     paths = [str((img_dir / r).resolve()) for r in rel]
-    _fail(str(img_dir), [p.replace("line ", "file ") for p in _image_problems(paths, rel, check)])
-    return Table(paths, rel, np.array([t for _, t in rows], dtype=np.int64), classes, str(img_dir))
+    keep = _check_rows(str(img_dir), paths, rel, check, skip_bad, unit="file", offset=1)
+    targets = np.array([t for _, t in rows], dtype=np.int64)[keep]
+    paths, rel = [p for p, k in zip(paths, keep) if k], [r for r, k in zip(rel, keep) if k]
+    return Table(paths, rel, targets, classes, str(img_dir))
 
 
 def read_test_table(csv_path: str | os.PathLike | None, img_dir: str | os.PathLike, check: bool = True) -> Table:
@@ -250,14 +281,28 @@ def read_test_table(csv_path: str | os.PathLike | None, img_dir: str | os.PathLi
         df = pd.DataFrame({"image_path": rel})
         source = str(img_dir)
     else:
-        df = _read_csv(csv_path, ["image_path"])
+        df = _read_csv(csv_path, ["image_path"], ["ID", "image_path"])
         source = str(csv_path)
     problems: list[str] = []
     rel = df["image_path"].astype(str).tolist()
     paths = _resolve_paths(df, img_dir, problems)
+    if "ID" in df.columns and df["ID"].tolist() != [str(i) for i in range(len(df))]:
+        first = next(i for i, v in enumerate(df["ID"]) if v != str(i))
+        problems.append(f"line {first + 2}: ID {df['ID'][first]!r} is not the row index {first}")
     _fail(source, problems)
-    _fail(source, _image_problems(paths, rel, check))
+    _check_rows(source, paths, rel, check, skip_bad=False)  # every test row needs a prediction: never skipped
     return Table(paths, rel, None, [], source)
+
+
+def check_sample_submission(sample_csv: str | os.PathLike, test: Table) -> None:
+    """Refuse a test split whose rows differ from the competition's sample_submission.csv (ID,image_path,target)."""
+    sample = _read_csv(sample_csv, ["ID", "image_path"], ["ID", "image_path", "target"])
+    if len(sample) != len(test.rel_paths):
+        raise DataError(f"{sample_csv}: {len(sample)} rows, but {test.source} has {len(test.rel_paths)}")
+    for i, (sid, path, want) in enumerate(zip(sample["ID"], sample["image_path"], test.rel_paths)):
+        if path != want or sid != str(i):
+            raise DataError(f"{sample_csv}: line {i + 2}: (ID {sid}, image_path {path!r}) differs from "
+                            f"{test.source}'s row {i} (ID {i}, image_path {want!r})")
 
 
 # ----------------------------------------------------------------------------------------------- torch data
@@ -317,3 +362,27 @@ class SeededSampler(Sampler):
             order += order[: total - len(order)]  # replica gets as many
         for i in order[self.rank :: self.num_replicas]:
             yield i, derive_seed(epoch_seed, i)
+
+
+def write_subset(src: Path, dst: Path, classes: int, per_class: int, test_images: int) -> Path:
+    """Copy a competition-layout subset of ``src`` to ``dst``, for tests and benchmarks.
+
+    The first ``classes`` classes (sorted names, targets re-indexed) with ``per_class`` training images each, and the
+    first ``test_images`` rows of test.csv with a matching sample_submission.csv.
+    """
+    train = pd.read_csv(src / "train.csv")
+    names = sorted(train["class_name"].unique())[:classes]
+    train = train[train["class_name"].isin(names)].groupby("class_name").head(per_class).reset_index(drop=True)
+    train["target"] = train["class_name"].map({n: i for i, n in enumerate(names)})
+    for rel in train["image_path"]:
+        (dst / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "train" / rel, dst / "train" / rel)
+    train.to_csv(dst / "train.csv", index=False)
+    test = pd.read_csv(src / "test.csv").head(test_images)
+    (dst / "test").mkdir(parents=True, exist_ok=True)
+    for rel in test["image_path"]:
+        shutil.copyfile(src / "test" / rel, dst / "test" / rel)
+    test.to_csv(dst / "test.csv", index=False)
+    pd.DataFrame({"ID": range(len(test)), "image_path": test["image_path"], "target": 0}).to_csv(
+        dst / "sample_submission.csv", index=False)
+    return dst

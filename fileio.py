@@ -15,22 +15,39 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import faults
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission...); the previous version of it is intact."""
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit fsync it and rename it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}; its previous version is intact"
+                             ) from None
         raise
     _fsync_dir(path.parent)
 

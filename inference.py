@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import faults
 from cli import ArgumentParser
 from fileio import write_csv
 
@@ -28,8 +29,9 @@ _logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, desc="predict"):
-    """Logits (float32, on the CPU) and targets for every sample of ``loader``, in order."""
+def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, desc="predict",
+                   fault="predict_step"):
+    """Logits (float32, on the CPU) and targets for every sample of ``loader``; ``fault`` names its crash point."""
     from train import autocast  # the one place precision is decided
 
     model.eval()
@@ -40,6 +42,7 @@ def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, d
         with autocast(device, amp_dtype):
             outputs.append(model(images).float().cpu())
         targets.append(torch.as_tensor(target))
+        faults.point(fault)
     return torch.cat(outputs), torch.cat(targets)
 
 
@@ -62,7 +65,12 @@ def score_submission(submission: pd.DataFrame, solution_csv: str | Path) -> floa
     """Accuracy of a submission against a solution file with the same ID and image_path rows."""
     from dataset import DataError
 
-    solution = pd.read_csv(solution_csv)
+    try:
+        solution = pd.read_csv(solution_csv, dtype={"image_path": str})
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{solution_csv}: not a readable CSV ({str(e).splitlines()[0][:120]})") from None
+    if not {"image_path", "target"} <= set(solution.columns):
+        raise DataError(f"{solution_csv}: needs columns image_path and target; found {list(solution.columns)}")
     if len(solution) != len(submission) or (solution["image_path"].astype(str).values
                                             != submission["image_path"].astype(str).values).any():
         raise DataError(f"{solution_csv}: rows differ from the submission's (ID, image_path)")
@@ -73,15 +81,21 @@ def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_work
                         amp: str, channels_last: bool = True) -> np.ndarray:
     """Mean softmax probabilities over ``checkpoints`` for the test Table ``test``."""
     from augmentation import create_transform
-    from dataset import ImageDataset
+    from dataset import DataError, ImageDataset
     from model import create_model
     from train import _loader, load_checkpoint, resolve_amp
 
     total = None
     for path in checkpoints:
-        ckpt = load_checkpoint(path)
-        model = create_model(ckpt["model_name"], ckpt["num_classes"])
-        model.load_state_dict(ckpt["model"])
+        try:
+            ckpt = load_checkpoint(path)
+            model = create_model(ckpt["model_name"], ckpt["num_classes"])
+            model.load_state_dict(ckpt["model"])
+        except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
+            raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+        if total is not None and ckpt["num_classes"] != total.shape[1]:
+            raise DataError(f"{path}: {ckpt['num_classes']} classes, but {checkpoints[0]} has {total.shape[1]}")
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model.to(device, memory_format=memory_format)
         img_size = tuple(ckpt["img_size"])
@@ -118,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from dataset import DataError, read_test_table
+    from model import ModelError
     from train import resolve_device
 
     args_path = args.save_dir / "args.json"
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         write_probs(probs, test.rel_paths, output.with_name(output.stem + "_probs.csv"))
         submission = write_submission(probs, test.rel_paths, output)
         score = None if args.test_solution is None else score_submission(submission, args.test_solution)
-    except DataError as e:
+    except (DataError, ModelError) as e:
         parser.error(str(e))
     print(f"submission: {output} ({len(submission)} rows, {len(checkpoints)} checkpoint(s))")
     if score is not None:

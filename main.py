@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +30,10 @@ HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
 RUNS = Path("runs")
 # Flags that may change when a run is resumed: they do not change its result.
+PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
+              "test_solution", "sample_submission")
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
-                       "test_solution", "skip_image_check"}
+                       "test_solution", "skip_image_check", "sample_submission"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--test_csv", type=Path, default=None,
                       help="image_path CSV giving the submission's rows (default: the bundled one; with --test_dir "
                            "alone, every image of the folder in sorted order)")
+    data.add_argument("--sample_submission", type=Path, default=None,
+                      help="the competition's sample_submission.csv: the test rows must match it (default: "
+                           "sample_submission.csv beside --test_csv, when there is one)")
     data.add_argument("--test_solution", type=Path, default=None,
                       help="true test labels (ID,image_path,target): print the submission's accuracy (default: none)")
     data.add_argument("--resize_height", type=int, default=64, help="working image height (default: 64)")
@@ -61,7 +66,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_workers", type=int, default=default_workers(),
                       help="data loader processes (default: the number of usable cores, at most 8)")
     data.add_argument("--skip_image_check", action="store_true",
-                      help="do not decode every image before training (default: check them all)")
+                      help="do not decode every image before training (default: decode them all, and stop listing "
+                           "every unreadable one)")
+    data.add_argument("--skip_bad_images", action="store_true",
+                      help="leave unreadable training images out, with a warning, instead of stopping (default: "
+                           "stop); unreadable test images always stop the run")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18",
@@ -144,41 +153,65 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     """Parse, fill the defaults that depend on other flags, restore a resumed run's arguments, check combinations."""
     args = parser.parse_args(argv)
     if args.resume_training:
-        save_dir = args.save_dir or _newest_run()
-        if save_dir is None or not (save_dir / "args.json").is_file():
-            parser.error(f"--resume_training: no run to resume in {save_dir or RUNS} (args.json missing)")
-        saved = json.loads((save_dir / "args.json").read_text())
-        given = _explicit_args(parser, argv)
-        for key, value in given.items():
-            value = str(value) if isinstance(value, Path) else value
-            if key not in RESUMABLE_OVERRIDES and saved.get(key) != value:
-                parser.error(f"--resume_training: --{key} was {saved.get(key)!r} in {save_dir}, now {value!r}; "
-                             "a resumed run keeps its arguments (start a new --save_dir to change it)")
-        merged = {**saved, **{k: v for k, v in vars(args).items() if k in given and k in RESUMABLE_OVERRIDES}}
-        args = argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
-        args.save_dir, args.resume_training = save_dir, True
-        for key in ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
-                    "test_solution"):
-            if getattr(args, key) is not None:
-                setattr(args, key, Path(getattr(args, key)))
-        return args
+        args = _restore_run_args(parser, args, argv)
+    else:
+        if args.train_dir is None and args.train_csv is None:
+            args.train_dir, args.train_csv = BUNDLED / "train", BUNDLED / "train.csv"
+        elif args.train_dir is None:
+            parser.error("--train_csv needs --train_dir (the folder its image_path values are relative to)")
+        if args.test_dir is None and args.test_csv is None:
+            args.test_dir, args.test_csv = BUNDLED / "test", BUNDLED / "test.csv"
+        elif args.test_dir is None:
+            parser.error("--test_csv needs --test_dir (the folder its image_path values are relative to)")
+        if args.sample_submission is None and args.test_csv is not None:
+            beside = args.test_csv.parent / "sample_submission.csv"
+            args.sample_submission = beside if beside.is_file() else None
+        if args.save_dir is None:
+            args.save_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
+        elif (args.save_dir / "args.json").exists():
+            parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
+                         "or choose another --save_dir")
+    _check_args(parser, args)
+    return args
 
-    if args.train_dir is None and args.train_csv is None:
-        args.train_dir, args.train_csv = BUNDLED / "train", BUNDLED / "train.csv"
-    elif args.train_dir is None:
-        parser.error("--train_csv needs --train_dir (the folder its image_path values are relative to)")
-    if args.test_dir is None and args.test_csv is None:
-        args.test_dir, args.test_csv = BUNDLED / "test", BUNDLED / "test.csv"
-    elif args.test_dir is None:
-        parser.error("--test_csv needs --test_dir (the folder its image_path values are relative to)")
+
+def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """The saved arguments of the run to resume, with the flags that may change taken from the command line."""
+    save_dir = args.save_dir or _newest_run()
+    if save_dir is None or not (save_dir / "args.json").is_file():
+        parser.error(f"--resume_training: no run to resume in {save_dir or RUNS} (args.json missing)")
+    saved = json.loads((save_dir / "args.json").read_text())
+    given = _explicit_args(parser, argv)
+    for key, value in given.items():
+        value = str(value) if isinstance(value, Path) else value
+        if key not in RESUMABLE_OVERRIDES and saved.get(key) != value:
+            parser.error(f"--resume_training: --{key} was {saved.get(key)!r} in {save_dir}, now {value!r}; "
+                         "a resumed run keeps its arguments (start a new --save_dir to change it)")
+    merged = {**saved, **{k: v for k, v in vars(args).items() if k in given and k in RESUMABLE_OVERRIDES}}
+    args = argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
+    args.save_dir, args.resume_training = save_dir, True
+    for key in PATH_FLAGS:
+        if getattr(args, key) is not None:
+            setattr(args, key, Path(getattr(args, key)))
+    return args
+
+
+def _check_args(parser, args: argparse.Namespace) -> None:
+    """Refuse values and combinations that cannot train, or would train wrongly, naming the flag."""
     for flag in ("batch_size", "accumulation_steps", "max_epochs", "resize_height", "resize_width", "kfold"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs"):
-        if getattr(args, flag) < 0:
+    for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs",
+                 "num_workers", "drop_path", "clip_grad", "focal_gamma"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if args.learning_rate == 0:
         parser.error("--learning_rate must be positive")
+    if args.min_lr > args.learning_rate:
+        parser.error(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
+    for flag in ("smoothing", "mixup_prob", "drop_rate"):
+        if not 0 <= getattr(args, flag) <= 1:
+            parser.error(f"--{flag} must be between 0 and 1, got {getattr(args, flag)}")
     if args.fold is not None and not 0 <= args.fold < args.kfold:
         parser.error(f"--fold {args.fold} is not one of the {args.kfold} fold(s) 0..{args.kfold - 1}")
     if not 0 < args.val_ratio < 1:
@@ -187,17 +220,28 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         parser.error(f"--mixup/--cutmix mix pairs within a batch: --batch_size {args.batch_size} must be even")
     if args.pretrained and args.pretrained_path is not None:
         parser.error("give --pretrained (hub) or --pretrained_path FILE, not both")
-    if args.num_workers < 0:
-        parser.error(f"--num_workers must not be negative, got {args.num_workers}")
-    for flag in ("test_solution", "pretrained_path"):
+    if args.skip_bad_images and args.skip_image_check:
+        parser.error("--skip_bad_images needs the image check that --skip_image_check turns off")
+    for flag in ("test_solution", "sample_submission"):
         if getattr(args, flag) is not None and not getattr(args, flag).is_file():
             parser.error(f"--{flag} {getattr(args, flag)}: file not found")
-    if args.save_dir is None:
-        args.save_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
-    elif (args.save_dir / "args.json").exists():
-        parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
-                     "or choose another --save_dir")
-    return args
+    if args.pretrained_path is not None and not args.resume_training and not args.pretrained_path.is_file():
+        parser.error(f"--pretrained_path {args.pretrained_path}: file not found")
+
+
+def _probe_writable(flag: str, folder: Path | None) -> None:
+    """Fail before training, not after it, when an output folder cannot be written."""
+    from dataset import DataError
+
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"--{flag} {folder}: not writable ({e.strerror})") from None
 
 
 def _newest_run() -> Path | None:
@@ -220,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import inference
     import train
-    from dataset import DataError, read_folder_table, read_test_table, read_train_table
-    from fileio import write_json
+    from dataset import DataError, check_sample_submission, read_folder_table, read_test_table, read_train_table
+    from fileio import WriteError, atomic_write, write_json
     from model import ModelError, resolve_model_name
 
     try:
@@ -229,18 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         train.resolve_device(args.device)
         check = not args.skip_image_check
         if args.train_csv is None:
-            table = read_folder_table(args.train_dir, check)
+            table = read_folder_table(args.train_dir, check, args.skip_bad_images)
         else:
-            table = read_train_table(args.train_csv, args.train_dir, check)
+            table = read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
         test = read_test_table(args.test_csv, args.test_dir, check)
+        if args.sample_submission is not None:
+            check_sample_submission(args.sample_submission, test)
         folds = train.load_or_make_folds(args, table)
-        try:
-            args.save_dir.mkdir(parents=True, exist_ok=True)
-            probe = args.save_dir / ".write_test"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise DataError(f"--save_dir {args.save_dir}: not writable ({e.strerror})") from None
+        train.check_test_rows(args, test)
+        for flag in ("save_dir", "log_dir", "output_dir"):
+            _probe_writable(flag, getattr(args, flag))
         _setup_logging(args.save_dir)
         if not args.resume_training:
             write_json(train.plain_args(args), args.save_dir / "args.json")
@@ -248,16 +290,17 @@ def main(argv: list[str] | None = None) -> int:
                      "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
                      len(table.class_names), len(test.paths))
         summary = train.run(args, table, test, folds)
+        copy = args.output_dir / f"{args.save_dir.name}.csv"
+        with atomic_write(copy, "wb") as f:
+            f.write(Path(summary["submission"]).read_bytes())
         score = None
         if args.test_solution is not None:
             score = inference.score_submission(summary["submission_df"], args.test_solution)
     except (DataError, ModelError) as e:
         parser.error(str(e))
+    except WriteError as e:  # disk full, read-only folder...: say so in one line; what was written before is intact
+        sys.exit(f"{parser.prog}: error: {e.strerror}")
 
-    copy = args.output_dir / f"{args.save_dir.name}.csv"
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(summary["submission"], copy.with_name(f".{copy.name}.tmp"))
-    copy.with_name(f".{copy.name}.tmp").replace(copy)
     print(f"run folder:      {args.save_dir}")
     print(f"folds finished:  {summary['folds_done']} (val accuracy "
           + ", ".join(f"{v:.4f}" for v in summary["fold_val_acc"].values()) + ")")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -44,10 +45,11 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import faults
 import inference
 from augmentation import create_transform
 from dataset import DataError, ImageDataset, SeededSampler, Table
-from fileio import atomic_write, write_csv, write_json
+from fileio import WriteError, atomic_write, write_csv, write_json
 from loss import create_loss
 from model import create_model, has_depthwise_conv, model_data_config
 from seed import derive_seed, get_rng_state, seed_everything, seed_worker, set_rng_state
@@ -108,7 +110,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -138,7 +143,8 @@ def resolve_amp(amp: str, device: torch.device, model: torch.nn.Module | None = 
             raise DataError("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (pre-Ampere: T4, P100, V100) is slow: those get fp16 with a gradient scaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         if model is not None and has_depthwise_conv(model) and any(
             isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
@@ -168,9 +174,12 @@ class EarlyStopping:
 
     def step(self, value: float, epoch: int) -> bool:
         """Record ``value`` for ``epoch``; return True if it is a new best."""
-        better = self.best is None or (
-            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
-        )
+        if math.isnan(value):  # a diverged epoch is never the best
+            better = False
+        else:
+            better = self.best is None or (
+                value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+            )
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -204,13 +213,45 @@ def accumulation_plan(batch_sizes: list[int], accumulation_steps: int) -> list[t
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write the training state atomically (temporary file, fsync, rename)."""
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (disk full...) as a RuntimeError
+        raise WriteError(errno.EIO, f"cannot write {path}: {str(e).splitlines()[0]}; its previous version is "
+                         "intact") from None
 
 
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code from the file."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resumable_checkpoint(fold_dir: Path) -> tuple[dict, str] | tuple[None, None]:
+    """The newest readable training state of a fold and its file name: last.pth, or best.pth if last.pth is damaged.
+
+    Each epoch derives its randomness from (seed, fold, epoch), so resuming from the older best.pth replays the
+    epochs after it exactly.
+    """
+    errors = []
+    for name in ("last.pth", "best.pth"):
+        path = fold_dir / name
+        if not path.exists():
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict) or "epoch" not in ckpt or "model" not in ckpt:
+                raise ValueError("not a training checkpoint of this suite")
+        except Exception as e:  # truncated, corrupt or foreign files all mean: not resumable from here
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'corrupt'}")
+            _logger.warning("%s: unreadable checkpoint (%s)", path, errors[-1])
+            continue
+        if errors:
+            _logger.warning("%s: resuming from %s instead (epoch %d)", fold_dir, name, ckpt["epoch"] + 1)
+        return ckpt, name
+    if errors:
+        raise DataError(f"{fold_dir}: no readable checkpoint ({'; '.join(errors)}); delete the folder to retrain "
+                        "this fold")
+    return None, None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -222,6 +263,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
+    faults.point(f"link:{dst.name}")
     os.replace(tmp, dst)
 
 
@@ -250,8 +292,11 @@ def make_folds(targets: np.ndarray, kfold: int, val_ratio: float, seed: int) -> 
     else:
         counts = np.bincount(targets)
         stratify = targets if counts[counts > 0].min() >= 2 else None
-        _, val = train_test_split(np.arange(len(targets)), test_size=val_ratio, random_state=seed % 2**32,
-                                  stratify=stratify)
+        try:
+            _, val = train_test_split(np.arange(len(targets)), test_size=val_ratio, random_state=seed % 2**32,
+                                      stratify=stratify)
+        except ValueError as e:
+            raise DataError(f"--val_ratio {val_ratio}: cannot split {len(targets)} images that way ({e})") from None
         folds[val] = 0
     return folds
 
@@ -264,11 +309,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     batch_size = loader.batch_size
     plan = accumulation_plan([batch_size] * len(loader), accumulation_steps)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    total_loss, seen, updates = 0.0, 0, 0
+    total_loss, seen, updates = torch.zeros((), device=device), 0, 0
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    for (images, targets), (scale, do_step) in zip(bar, plan):
+    for step, ((images, targets), (scale, do_step)) in enumerate(zip(bar, plan)):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -276,6 +321,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         with autocast(device, amp_dtype):
             loss = criterion(model(images), targets)
         scaler.scale(loss * scale).backward()
+        faults.point("train_step")
         if do_step:
             if clip_grad:
                 scaler.unscale_(optimizer)
@@ -285,16 +331,18 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             updates += 1
-        total_loss += loss.item() * images.size(0)
+        total_loss += loss.detach().float() * images.size(0)  # summed on the device: no sync per step
         seen += images.size(0)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
+    return {"train_loss": float(total_loss) / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
 
 
 def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tuple[dict, np.ndarray]:
     """Validation loss, accuracy and macro F1; also the probabilities (N, C)."""
-    logits, targets = inference.predict_logits(model, loader, device, amp_dtype, channels_last, desc=desc)
+    logits, targets = inference.predict_logits(model, loader, device, amp_dtype, channels_last, desc=desc,
+                                               fault="val_step")
     loss = F.cross_entropy(logits, targets).item()
     pred = logits.argmax(1).numpy()
     y = targets.numpy()
@@ -305,16 +353,23 @@ def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tup
 
 # ----------------------------------------------------------------------------------------------- one fold
 def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False, shuffle=False):
+    # The loader's own generator: starting an iterator must not draw from the global torch RNG, or dropout masks
+    # would depend on when workers (kept between epochs) were started, and a resumed run would drift.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                       persistent_workers=num_workers > 0 and sampler is not None,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
-def build_training(args: argparse.Namespace, num_classes: int, num_train: int,
-                   device: torch.device) -> argparse.Namespace:
-    """Everything one fold trains with, built from the arguments: each flag reaches its consumer here."""
-    model = create_model(args.model, num_classes, pretrained=args.pretrained, pretrained_path=args.pretrained_path,
+def build_training(args: argparse.Namespace, num_classes: int, num_train: int, device: torch.device,
+                   load_pretrained: bool = True) -> argparse.Namespace:
+    """Everything one fold trains with, built from the arguments: each flag reaches its consumer here.
+
+    ``load_pretrained=False`` (a fold resumed from its checkpoint) skips the pretrained weights it would overwrite,
+    so a resume works offline.
+    """
+    model = create_model(args.model, num_classes, pretrained=args.pretrained and load_pretrained,
+                         pretrained_path=args.pretrained_path if load_pretrained else None,
                          drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
     data_cfg = model_data_config(model)
     amp_dtype = resolve_amp(args.amp, device, model)
@@ -359,7 +414,8 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
 
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
     paths, targets = np.asarray(table.paths), table.targets
-    t = build_training(args, num_classes, len(train_idx), device)
+    resuming = (fold_dir / "last.pth").exists() or (fold_dir / "best.pth").exists()
+    t = build_training(args, num_classes, len(train_idx), device, load_pretrained=not resuming)
     model, optimizer, scheduler, scaler, early = t.model, t.optimizer, t.scheduler, t.scaler, t.early
     amp_dtype, img_size, norm = t.amp_dtype, t.img_size, t.norm
     train_ds = ImageDataset(paths[train_idx], targets[train_idx], t.train_transform, img_size)
@@ -371,17 +427,26 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
 
     start_epoch, updates, history = 0, 0, []
     last_path, best_path = fold_dir / "last.pth", fold_dir / "best.pth"
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    for stale in fold_dir.glob(".*.tmp"):  # a write that a crash cut short; the file it was replacing is intact
+        stale.unlink()
+    ckpt, source = _resumable_checkpoint(fold_dir)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise DataError(f"{fold_dir}: its checkpoint does not fit --model {args.model} with {num_classes} "
+                            f"classes ({str(e).splitlines()[0][:160]})") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         early.load_state_dict(ckpt["early_stopping"])
         set_rng_state(ckpt["rng"])
         start_epoch, updates, history = ckpt["epoch"] + 1, ckpt["updates"], ckpt["history"]
-        _logger.info("fold %d: resumed after epoch %d (%d updates, best %s %.4f at epoch %d)", fold, ckpt["epoch"],
-                     updates, args.monitor, early.best, early.best_epoch)
+        if source == "last.pth" and early.best_epoch == ckpt["epoch"] and not (
+                best_path.exists() and os.path.samefile(best_path, last_path)):
+            _link_or_copy(last_path, best_path)  # the best epoch was the last one, and its link was cut short
+        _logger.info("fold %d: resumed after epoch %d (%d updates, best %s %.4f at epoch %d)", fold,
+                     ckpt["epoch"] + 1, updates, args.monitor, early.best, early.best_epoch + 1)
         _write_metrics(history, fold_dir)
 
     writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch)
@@ -410,11 +475,10 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                      "history": history, "fold": fold, "model_name": args.model, "num_classes": num_classes,
                      "class_names": table.class_names, "img_size": list(img_size), "data_config": norm,
                      "args": plain_args(args)}
-            # A new best is written first and last.pth linked to it: killed in between, the run resumes from the
-            # previous last.pth and replays this epoch exactly, so best.pth is never behind the state it claims.
-            save_checkpoint(state, best_path if improved else last_path)
+            # Killed between these two, best.pth lags behind last.pth's early-stopping state; resume repairs it.
+            save_checkpoint(state, last_path)
             if improved:
-                _link_or_copy(best_path, last_path)
+                _link_or_copy(last_path, best_path)
             _write_metrics(history, fold_dir)
             for key, value in row.items():
                 if key != "epoch":
@@ -422,8 +486,9 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                                       value, epoch)
             writer.flush()
             _logger.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f lr %.2e "
-                         "%.0f img/s%s", fold, epoch + 1, args.max_epochs, row["train_loss"], row["val_loss"],
-                         row["val_acc"], row["val_f1"], row["lr"], row["images_per_sec"], " *" if improved else "")
+                         "%.0f img/s, peak RSS %.0f MiB%s", fold, epoch + 1, args.max_epochs, row["train_loss"],
+                         row["val_loss"], row["val_acc"], row["val_f1"], row["lr"], row["images_per_sec"],
+                         row["peak_rss_mb"], " *" if improved else "")
             if early.should_stop:
                 _logger.info("fold %d: early stop, no %s improvement for %d epochs", fold, args.monitor,
                              args.patience)
@@ -431,13 +496,19 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
         writer.close()
 
     # Predictions come from the best epoch's weights.
-    best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
+    if not best_path.exists():  # no epoch ever improved (a diverged fold): predict with the last one
+        best_path = last_path
+    try:
+        best = load_checkpoint(best_path)
+        model.load_state_dict(best["model"])
+    except Exception as e:  # damaged after training: say which file, rather than a traceback
+        raise DataError(f"{best_path}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
+                        "this fold") from None
     _, val_probs = evaluate(model, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof")
     test_loader = _loader(ImageDataset(test.paths, None, eval_tf, img_size), args.batch_size * 2, args.num_workers,
                           device)
     test_logits, _ = inference.predict_logits(model, test_loader, device, amp_dtype, args.channels_last,
-                                              desc=f"fold {fold} test")
+                                              desc=f"fold {fold} test", fault="test_step")
     for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", torch.softmax(test_logits, 1).numpy())):
         with atomic_write(fold_dir / name, "wb") as f:
             np.save(f, arr.astype(np.float32))
@@ -445,6 +516,7 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
             "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
     write_json(done, done_path)
+    faults.point("fold_done")
     _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])
     return done
 
@@ -465,6 +537,16 @@ def load_or_make_folds(args: argparse.Namespace, table: Table) -> np.ndarray:
     return saved["fold"].to_numpy()
 
 
+def check_test_rows(args: argparse.Namespace, test: Table) -> None:
+    """Refuse a resumed run whose test rows differ from those its finished folds predicted."""
+    rows_path = Path(args.save_dir) / "test_rows.csv"
+    if rows_path.exists():
+        saved = pd.read_csv(rows_path, dtype={"image_path": str}, keep_default_na=False)["image_path"].tolist()
+        if saved != test.rel_paths:
+            raise DataError(f"{test.source}: the test rows differ from those this run predicted ({rows_path}, "
+                            f"{len(saved)} rows); predict other data with inference.py")
+
+
 def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) -> dict:
     """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission."""
     run_dir = Path(args.save_dir)
@@ -472,7 +554,11 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) 
     folds_path = run_dir / "folds.csv"
     if not folds_path.exists():
         write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}), folds_path)
+    if not (run_dir / "test_rows.csv").exists():
+        write_csv(pd.DataFrame({"image_path": test.rel_paths}), run_dir / "test_rows.csv")
     fold_ids = [args.fold] if args.fold is not None else list(range(max(args.kfold, 1)))
+    if all((run_dir / f"fold_{fold}" / "done.json").exists() for fold in fold_ids):
+        _logger.info("%s: already finished, nothing to train; its outputs are rewritten from the folds", run_dir)
     for fold in fold_ids:
         train_fold(args, fold, table, folds, test, run_dir, device)
     return finalize(run_dir, table, test, folds)
@@ -480,7 +566,7 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) 
 
 def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dict:
     """Gather the finished folds: OOF predictions and accuracy, averaged test probabilities, submission."""
-    done = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("fold_*/done.json"))
+    done = sorted(int(p.parent.name[5:]) for p in run_dir.glob("fold_*/done.json") if p.parent.name[5:].isdigit())
     if not done:
         raise DataError(f"{run_dir}: no finished fold to predict with")
     num_classes = len(table.class_names)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 # Tests never reach a model hub: the hub client reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+from dataset import write_subset as make_subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "tuberlin10"
@@ -21,26 +21,6 @@ SHARED = ROOT.parent / "shared" / "datasets" / "tuberlin40"
 # Tiny, fast settings for end-to-end runs on 2 CPU cores (random weights, no hub).
 FAST = ["--model", "test_resnet", "--resize_height", "32", "--resize_width", "32", "--batch_size", "8",
         "--num_workers", "0", "--device", "cpu", "--skip_image_check"]
-
-
-def make_subset(src: Path, dst: Path, classes: int, per_class: int, test_images: int) -> Path:
-    """Copy a competition-layout subset: ``classes`` classes x ``per_class`` training images, re-indexed targets."""
-    train = pd.read_csv(src / "train.csv")
-    names = sorted(train["class_name"].unique())[:classes]
-    train = train[train["class_name"].isin(names)].groupby("class_name").head(per_class).reset_index(drop=True)
-    train["target"] = train["class_name"].map({n: i for i, n in enumerate(names)})
-    for rel in train["image_path"]:
-        (dst / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / "train" / rel, dst / "train" / rel)
-    train.to_csv(dst / "train.csv", index=False)
-    test = pd.read_csv(src / "test.csv").head(test_images)
-    (dst / "test").mkdir(parents=True, exist_ok=True)
-    for rel in test["image_path"]:
-        shutil.copyfile(src / "test" / rel, dst / "test" / rel)
-    test.to_csv(dst / "test.csv", index=False)
-    pd.DataFrame({"ID": range(len(test)), "image_path": test["image_path"], "target": 0}).to_csv(
-        dst / "sample_submission.csv", index=False)
-    return dst
 
 
 @pytest.fixture(scope="session")

@@ -137,7 +137,8 @@ def test_five_folds_on_tuberlin40_match_sample_submission(tmp_path):
 
 def test_resume_after_sigkill_in_fold_two_is_exact(tiny_data, tmp_path):
     common = [*data_args(tiny_data), *FAST, "--kfold", "3", "--max_epochs", "5", "--deterministic",
-              "--resize_height", "48", "--resize_width", "48", "--mixup", "0.2", "--accumulation_steps", "2"]
+              "--resize_height", "48", "--resize_width", "48", "--mixup", "0.2", "--accumulation_steps", "2",
+              "--drop_rate", "0.3"]
     run_cli("main.py", *common, "--save_dir", tmp_path / "whole", "--output_dir", tmp_path / "out")
 
     killed = tmp_path / "killed"
@@ -215,20 +216,55 @@ BAD_INPUTS = {
     "kfold too large": (None, ["--kfold", "13"], "--kfold 13: the smallest class has only 12"),
     "unknown model": (None, ["--model", "resnet_does_not_exist"], "--model 'resnet_does_not_exist'"),
     "odd mixup batch": (None, ["--mixup", "0.2", "--batch_size", "7"], "--batch_size 7 must be even"),
+    "misnamed column": (lambda d: (d / "train.csv").write_text((d / "train.csv").read_text().replace(
+        "image_path", "path", 1)), [], "missing column(s) ['image_path']"),
+    "extra column": (lambda d: pd.read_csv(d / "train.csv").assign(note="x").to_csv(d / "train.csv", index=False),
+                     [], "unexpected column(s) ['note']"),
+    "non-integer target": (_edit_csv("target", 4, "2.5"), [], "line 6: target '2.5' is not an integer"),
+    "class and target disagree": (_edit_csv("class_name", 0, "zebra"), [], "several class names"),
+    "duplicate path": (lambda d: _duplicate_row(d), [], "repeats line 2"),
+    "absolute path": (_edit_csv("image_path", 0, "/etc/passwd"), [], "line 2: image_path '/etc/passwd' is outside"),
+    "zero-byte image": (lambda d: _image(d, 2).write_bytes(b""), [], "line 4:"),
+    "non-image file": (lambda d: _image(d, 3).write_text("not a picture"), [], "unreadable image"),
+    "header only": (lambda d: (d / "train.csv").write_text("class_name,image_path,target\n"), [], "no rows"),
+    "test rows differ from sample_submission": (lambda d: _reorder_sample(d), [],
+                                                "sample_submission.csv: line 2: (ID 0, image_path '9.JPEG') differs"),
+    "unwritable save_dir": (None, ["--save_dir", "{data}/train.csv/run"], "not writable"),
+    "negative clip": (None, ["--clip_grad", "-1"], "--clip_grad must not be negative"),
+    "min_lr above lr": (None, ["--min_lr", "0.1"], "--min_lr 0.1 is above --learning_rate"),
+    "smoothing above 1": (None, ["--smoothing", "1.5"], "--smoothing must be between 0 and 1"),
+    "bad device": (None, ["--device", "gpu"], "--device gpu: not a device"),
+    "missing solution": (None, ["--test_solution", "nope.csv"], "--test_solution nope.csv: file not found"),
+    "holdout too small": (None, ["--kfold", "1", "--val_ratio", "0.02"], "--val_ratio 0.02: cannot split"),
 }
+
+
+def _image(data: Path, row: int) -> Path:
+    return data / "train" / pd.read_csv(data / "train.csv")["image_path"][row]
+
+
+def _duplicate_row(data: Path) -> None:
+    df = pd.read_csv(data / "train.csv")
+    pd.concat([df, df.iloc[[0]]]).to_csv(data / "train.csv", index=False)
+
+
+def _reorder_sample(data: Path) -> None:
+    sample = pd.read_csv(data / "sample_submission.csv")
+    sample["image_path"] = sample["image_path"].iloc[::-1].tolist()
+    sample.to_csv(data / "sample_submission.csv", index=False)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_data, tmp_path, capsys):
     edit, extra, message = BAD_INPUTS[case]
-    data = make_subset(tiny_data.parent / tiny_data.name, tmp_path / "data", 4, 12, 10) if edit else tiny_data
+    data = make_subset(tiny_data, tmp_path / "data", 4, 12, 10) if edit else tiny_data
     if edit:
         edit(data)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     (outputs / "earlier.csv").write_text("ID,image_path,target\n0,0.JPEG,1\n")
     args = [*data_args(data), *FAST, "--max_epochs", "1", "--save_dir", tmp_path / "run", "--output_dir", outputs]
-    args = [a for a in args if a != "--skip_image_check"] + list(extra)
+    args = [a for a in args if a != "--skip_image_check"] + [str(a).format(data=data) for a in extra]
     with pytest.raises(SystemExit) as exit_info:  # in-process: the same main(), without a new interpreter each
         main_module.main([str(a) for a in args])
     stderr = capsys.readouterr().err
@@ -245,3 +281,51 @@ def test_no_arguments_use_the_bundled_data():
     assert args.test_dir == ROOT / "data" / "tuberlin10" / "test"
     assert args.kfold == 5 and args.save_dir.parent.name == "runs"
     assert (ROOT / "data" / "tuberlin10" / "README.md").read_text().count("Creative Commons") == 1
+
+
+def test_pixel_limit(tiny_data, tmp_path, capsys, monkeypatch):
+    import dataset
+
+    monkeypatch.setattr(dataset, "MAX_PIXELS", 100 * 100)  # the sketches are 150x150
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main([*map(str, data_args(tiny_data)), *FAST[:-1], "--save_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "exceeds the 10,000-pixel limit" in err
+
+
+def test_skip_bad_images_leaves_them_out(tiny_data, tmp_path):
+    data = make_subset(tiny_data, tmp_path / "data", 4, 12, 10)
+    _corrupt(data)
+    _image(data, 7).write_bytes(b"")
+    proc = run_cli("main.py", *data_args(data), *FAST[:-1], "--skip_bad_images", "--kfold", "2", "--max_epochs", "1",
+                   "--save_dir", tmp_path / "run", "--output_dir", tmp_path / "out")
+    assert "skipping 2 unreadable image(s)" in proc.stderr
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    train = pd.read_csv(data / "train.csv")
+    assert folds["image_path"].tolist() == train["image_path"].drop([3, 7]).tolist()
+
+
+def test_resumed_run_checks_its_flags_and_test_rows(kfold_run, tiny_data):
+    run, _, _ = kfold_run
+    proc = run_cli("main.py", "--save_dir", run, "--resume_training", "--fold", "5", check=False)
+    assert proc.returncode == 2 and "--fold 5 is not one of the 2 fold(s)" in proc.stderr
+    saved = {name: (tiny_data / name).read_bytes() for name in ("test.csv", "sample_submission.csv")}
+    for name in saved:  # the same images in another order, in test.csv and sample_submission.csv alike
+        df = pd.read_csv(tiny_data / name)
+        df["image_path"] = df["image_path"].iloc[::-1].tolist()
+        df.to_csv(tiny_data / name, index=False)
+    try:
+        proc = run_cli("main.py", "--save_dir", run, "--resume_training", check=False)
+    finally:
+        for name, content in saved.items():
+            (tiny_data / name).write_bytes(content)
+    assert proc.returncode == 2 and "the test rows differ from those this run predicted" in proc.stderr
+
+
+def test_inference_refuses_a_foreign_checkpoint(kfold_run, tmp_path):
+    run, _, _ = kfold_run
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x04garbage")
+    proc = run_cli("inference.py", "--save_dir", run, "--checkpoint", tmp_path / "garbage.pth",
+                   "--output", tmp_path / "x.csv", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("inference.py: error: ")
+    assert "not a checkpoint of this suite" in proc.stderr and not (tmp_path / "x.csv").exists()

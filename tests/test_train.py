@@ -207,6 +207,7 @@ FLAG_CHECKS["monitor"] = FLAG_CHECKS["patience"]
 # Flags whose consumer is checked elsewhere: end to end in test_main.py, or in test_model.py.
 CHECKED_ELSEWHERE = {
     "train_dir", "train_csv", "test_dir", "test_csv", "test_solution", "num_workers", "skip_image_check", "kfold",
+    "sample_submission", "skip_bad_images",
     "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
     "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
 }
