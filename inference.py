@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import faults
 from cli import ArgumentParser
-from fileio import write_csv
+from fileio import WriteError, write_csv
 
 _logger = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         score = None if args.test_solution is None else score_submission(submission, args.test_solution)
     except (DataError, ModelError) as e:
         parser.error(str(e))
+    except WriteError as e:
+        sys.exit(f"{parser.prog}: error: {e.strerror}")
     print(f"submission: {output} ({len(submission)} rows, {len(checkpoints)} checkpoint(s))")
     if score is not None:
         print(f"test accuracy: {score:.4f} ({args.test_solution})")

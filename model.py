@@ -98,7 +98,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
         address = _hub_address(full)
         if address is None:
             raise ModelError(f"--model {name}: timm has no pretrained weights for {full}; drop --pretrained")
-        if offline or not _hub_reachable(address):
+        # Behind a proxy a direct connection proves nothing: leave the check to the hub client.
+        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+        if offline or (not proxied and not _hub_reachable(address)):
             # Fail in seconds rather than after a minute of retries; weights already cached still load. The hub
             # client reads HF_HUB_OFFLINE once at import, so set its constant too.
             import huggingface_hub.constants as hf_constants

@@ -235,6 +235,7 @@ BAD_INPUTS = {
     "smoothing above 1": (None, ["--smoothing", "1.5"], "--smoothing must be between 0 and 1"),
     "bad device": (None, ["--device", "gpu"], "--device gpu: not a device"),
     "missing solution": (None, ["--test_solution", "nope.csv"], "--test_solution nope.csv: file not found"),
+    "missing CSV": (lambda d: (d / "train.csv").unlink(), [], "train.csv: file not found"),
     "holdout too small": (None, ["--kfold", "1", "--val_ratio", "0.02"], "--val_ratio 0.02: cannot split"),
 }
 
