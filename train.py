@@ -551,6 +551,8 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) 
     """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission."""
     run_dir = Path(args.save_dir)
     device = resolve_device(args.device)
+    if device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     folds_path = run_dir / "folds.csv"
     if not folds_path.exists():
         write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}), folds_path)

@@ -31,7 +31,9 @@ from dataset import write_subset  # noqa: E402
 COMPARED = ("submission.csv", "oof.csv", "oof_probs.npy", "test_probs.csv")
 # Crash points worth killing at; args.json is excluded (a run killed before its arguments exist is simply re-run).
 KINDS = ("train_step", "val_step", "test_step", "write:last.pth", "link:best.pth", "write:metrics.csv",
-         "write:val_probs.npy", "write:done.json", "fold_done", "write:oof.csv", "write:submission.csv")
+         "write:val_probs.npy", "write:test_probs.npy", "write:done.json", "fold_done", "write:oof.csv",
+         "write:oof_probs.npy", "write:test_probs.csv", "write:submission.csv", "write:summary.json",
+         "write:reference.csv")
 RUN_ARGS = ["--model", "test_resnet", "--resize_height", "32", "--resize_width", "32", "--batch_size", "8",
             "--kfold", "3", "--max_epochs", "3", "--mixup", "0.2", "--accumulation_steps", "2", "--deterministic",
             "--drop_rate", "0.2",
@@ -70,16 +72,22 @@ def reference_run(data: Path, workdir: Path) -> tuple[Path, dict[str, int]]:
 
 
 def choose_points(counts: dict[str, int], n: int, seed: int) -> list[str]:
-    """``n`` kill points ``name:k``, cycling over the kinds, each at a random visit of that point."""
+    """``n`` distinct kill points ``name:k``, cycling over the kinds, each at a random visit of that point."""
     rng = random.Random(seed)
     kinds = [k for k in KINDS if counts.get(k)]
-    return [f"{kind}:{rng.randint(1, counts[kind])}" for kind in (kinds * (n // len(kinds) + 1))[:n]]
+    candidates = {kind: rng.sample(range(1, counts[kind] + 1), counts[kind]) for kind in kinds}
+    points = []
+    while len(points) < n and any(candidates.values()):
+        for kind in kinds:
+            if candidates[kind] and len(points) < n:
+                points.append(f"{kind}:{candidates[kind].pop()}")
+    return points
 
 
 def kill_and_resume(point: str, data: Path, reference: Path, workdir: Path) -> Outcome:
     """Run until SIGKILL at ``point``, resume, and compare the outputs with ``reference``."""
     start = time.perf_counter()
-    run = workdir / point.replace(":", "_").replace(".", "_")
+    run = workdir / f"killed_{point.replace(':', '_').replace('.', '_')}"
     common = ["--output_dir", str(workdir / "out")]
     first = _main_py([*_data_args(data), *RUN_ARGS, "--save_dir", str(run), *common], {"SKETCH_FAULT": point})
     killed = first.returncode == -9
