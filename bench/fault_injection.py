@@ -32,8 +32,7 @@ COMPARED = ("submission.csv", "oof.csv", "oof_probs.npy", "test_probs.csv")
 # Crash points worth killing at; args.json is excluded (a run killed before its arguments exist is simply re-run).
 KINDS = ("train_step", "val_step", "test_step", "write:last.pth", "link:best.pth", "write:metrics.csv",
          "write:val_probs.npy", "write:test_probs.npy", "write:done.json", "fold_done", "write:oof.csv",
-         "write:oof_probs.npy", "write:test_probs.csv", "write:submission.csv", "write:summary.json",
-         "write:reference.csv")
+         "write:oof_probs.npy", "write:test_probs.csv", "write:submission.csv", "write:summary.json")
 RUN_ARGS = ["--model", "test_resnet", "--resize_height", "32", "--resize_width", "32", "--batch_size", "8",
             "--kfold", "3", "--max_epochs", "3", "--mixup", "0.2", "--accumulation_steps", "2", "--deterministic",
             "--drop_rate", "0.2",
