@@ -255,7 +255,7 @@ def read_folder_table(img_dir: str | os.PathLike, check: bool = True, skip_bad: 
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
     names = [d.name for d in img_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    # Numbered class folders (0, 1, ..., 10) keep their numbers as targets; other names sort as text.
+    # Numbered class folders (0, 1, ..., 10) sort by number, so 0..C-1 map to themselves; other names sort as text.
     classes = sorted(names, key=int) if names and all(n.isdigit() for n in names) else sorted(names)
     rows = [(f"{c}/{f.name}", t) for t, c in enumerate(classes) for f in sorted((img_dir / c).iterdir())
             if f.suffix.lower() in IMG_EXTENSIONS]

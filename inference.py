@@ -61,20 +61,28 @@ def write_probs(probs: np.ndarray, image_paths: list[str], path: str | Path) -> 
     write_csv(df, path, float_format="%.6g")
 
 
-def score_submission(submission: pd.DataFrame, solution_csv: str | Path) -> float:
-    """Accuracy of a submission against a solution file with the same ID and image_path rows."""
+def read_solution(solution_csv: str | Path, image_paths: list[str]) -> np.ndarray:
+    """The true targets of a solution file (ID,image_path,target) whose rows must be ``image_paths``, in order."""
     from dataset import DataError
 
     try:
-        solution = pd.read_csv(solution_csv, dtype={"image_path": str})
+        solution = pd.read_csv(solution_csv, dtype={"image_path": str}, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise DataError(f"{solution_csv}: not a readable CSV ({str(e).splitlines()[0][:120]})") from None
     if not {"image_path", "target"} <= set(solution.columns):
         raise DataError(f"{solution_csv}: needs columns image_path and target; found {list(solution.columns)}")
-    if len(solution) != len(submission) or (solution["image_path"].astype(str).values
-                                            != submission["image_path"].astype(str).values).any():
-        raise DataError(f"{solution_csv}: rows differ from the submission's (ID, image_path)")
-    return float((solution["target"].values == submission["target"].values).mean())
+    if solution["image_path"].tolist() != list(image_paths):
+        raise DataError(f"{solution_csv}: its rows differ from the test rows ({len(solution)} vs {len(image_paths)})")
+    targets = pd.to_numeric(solution["target"], errors="coerce")
+    if targets.isna().any():
+        raise DataError(f"{solution_csv}: line {int(np.flatnonzero(targets.isna())[0]) + 2}: target is not a number")
+    return targets.to_numpy()
+
+
+def score_submission(submission: pd.DataFrame, solution_csv: str | Path) -> float:
+    """Accuracy of a submission against a solution file with the same image_path rows."""
+    truth = read_solution(solution_csv, submission["image_path"].tolist())
+    return float((truth == submission["target"].to_numpy()).mean())
 
 
 def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_workers: int, device: torch.device,
@@ -115,8 +123,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="predict with this checkpoint alone (default: every finished fold's best.pth)")
     parser.add_argument("--test_dir", type=Path, default=None, help="test image folder (default: the run's)")
-    parser.add_argument("--test_csv", type=Path, default=None, help="test CSV (default: the run's)")
-    parser.add_argument("--output", type=Path, default=None, help="submission path (default: SAVE_DIR/submission.csv)")
+    parser.add_argument("--test_csv", type=Path, default=None,
+                        help="test CSV (default: the run's; with --test_dir alone, every image of that folder)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="submission path (default: SAVE_DIR/inference.csv; the run's own submission.csv is "
+                             "never overwritten unless named here)")
     parser.add_argument("--test_solution", type=Path, default=None,
                         help="CSV of true labels (ID,image_path,target): print the submission's accuracy")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
@@ -144,14 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--checkpoint {args.checkpoint}: file not found")
         checkpoints = [args.checkpoint]
     else:
-        checkpoints = sorted(p.parent / "best.pth" for p in args.save_dir.glob("fold_*/done.json"))
+        # A fold that never improved predicted with its last epoch (see train.train_fold); so does this.
+        checkpoints = sorted(p.parent / "best.pth" if (p.parent / "best.pth").exists() else p.parent / "last.pth"
+                             for p in args.save_dir.glob("fold_*/done.json"))
         if not checkpoints:
             parser.error(f"--save_dir {args.save_dir}: no finished fold (fold_*/done.json) to predict with")
     test_dir = args.test_dir or run_args["test_dir"]
     test_csv = args.test_csv if (args.test_csv or args.test_dir) else run_args["test_csv"]
-    output = args.output or args.save_dir / "submission.csv"
+    output = args.output or args.save_dir / "inference.csv"
+    if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
+        parser.error("--batch_size must be at least 1 and --num_workers not negative")
     try:
         test = read_test_table(test_csv, test_dir)
+        if args.test_solution is not None:
+            read_solution(args.test_solution, test.rel_paths)  # a wrong file fails now, not after predicting
         probs = predict_checkpoints(checkpoints, test, args.batch_size,
                                     run_args["num_workers"] if args.num_workers is None else args.num_workers,
                                     resolve_device(args.device), args.amp or run_args["amp"],

@@ -29,9 +29,10 @@ from model import MODELS
 HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
 RUNS = Path("runs")
-# Flags that may change when a run is resumed: they do not change its result.
+# Flags holding paths (saved as text in args.json).
 PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
               "test_solution", "sample_submission")
+# Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
                        "test_solution", "skip_image_check", "sample_submission"}
 
@@ -279,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         test = read_test_table(args.test_csv, args.test_dir, check)
         if args.sample_submission is not None:
             check_sample_submission(args.sample_submission, test)
+        if args.test_solution is not None:
+            inference.read_solution(args.test_solution, test.rel_paths)
         folds = train.load_or_make_folds(args, table)
         train.check_test_rows(args, test)
+        train.preflight(args, table, folds)
         for flag in ("save_dir", "log_dir", "output_dir"):
             _probe_writable(flag, getattr(args, flag))
         _setup_logging(args.save_dir)

@@ -119,6 +119,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
             raise ModelError(f"--model {name}: pretrained weights for {full} cannot be fetched from {source} "
                              "(no connection to the hub); download them elsewhere and pass --pretrained_path FILE"
                              ) from None
+        if isinstance(e, TypeError) and drop_path_rate is not None:  # models without stochastic depth
+            raise ModelError(f"--drop_path: {full} does not take a stochastic depth rate") from None
         raise
     if source is not None:
         _logger.info("model %s: pretrained weights from %s", full, source)

@@ -256,13 +256,15 @@ def _resumable_checkpoint(fold_dir: Path) -> tuple[dict, str] | tuple[None, None
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     # Checkpoints are always replaced by new files, never rewritten in place, so a hard link is a safe copy.
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
     try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
         os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
+    except OSError:  # no hard links on this file system: a full copy, written atomically
+        with atomic_write(dst, "wb") as f, open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+        return
     faults.point(f"link:{dst.name}")
     os.replace(tmp, dst)
 
@@ -352,10 +354,10 @@ def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tup
 
 
 # ----------------------------------------------------------------------------------------------- one fold
-def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False, shuffle=False):
+def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False):
     # The loader's own generator: starting an iterator must not draw from the global torch RNG, or dropout masks
     # would depend on when workers (kept between epochs) were started, and a resumed run would drift.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                       persistent_workers=num_workers > 0 and sampler is not None,
                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
@@ -396,21 +398,21 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
 
 
 def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndarray, test: Table,
-               run_dir: Path, device: torch.device) -> dict:
-    """Train (or resume) one fold, then write its validation and test predictions; returns its done.json."""
+               run_dir: Path, device: torch.device) -> None:
+    """Train (or resume) one fold, then write its validation and test predictions and its done.json."""
     fold_dir = run_dir / f"fold_{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
     done_path = fold_dir / "done.json"
     if done_path.exists():
         _logger.info("fold %d: already finished, skipped", fold)
-        return json.loads(done_path.read_text())
+        return
+    try:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {fold_dir}: {e.strerror}") from None
 
     num_classes = len(table.class_names)
     train_idx = np.flatnonzero(folds != fold)
     val_idx = np.flatnonzero(folds == fold)
-    if len(train_idx) < args.batch_size:
-        raise DataError(f"--batch_size {args.batch_size} is larger than fold {fold}'s training split "
-                        f"({len(train_idx)} images)")
 
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
     paths, targets = np.asarray(table.paths), table.targets
@@ -438,7 +440,8 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
             raise DataError(f"{fold_dir}: its checkpoint does not fit --model {args.model} with {num_classes} "
                             f"classes ({str(e).splitlines()[0][:160]})") from None
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # fp16 here and there; another device may not scale at all
+            scaler.load_state_dict(ckpt["scaler"])
         early.load_state_dict(ckpt["early_stopping"])
         set_rng_state(ckpt["rng"])
         start_epoch, updates, history = ckpt["epoch"] + 1, ckpt["updates"], ckpt["history"]
@@ -518,7 +521,6 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     write_json(done, done_path)
     faults.point("fold_done")
     _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])
-    return done
 
 
 def _write_metrics(history: list[dict], fold_dir: Path) -> None:
@@ -535,6 +537,21 @@ def load_or_make_folds(args: argparse.Namespace, table: Table) -> np.ndarray:
     if saved["image_path"].tolist() != table.rel_paths or saved["target"].tolist() != table.targets.tolist():
         raise DataError(f"{folds_path}: the training data changed since this run started")
     return saved["fold"].to_numpy()
+
+
+def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None:
+    """Everything a fold would refuse, checked before the run writes anything: precision for the device, batch
+    size against the smallest training split, and the model itself, built once with its pretrained weights."""
+    device = resolve_device(args.device)
+    resolve_amp(args.amp, device)
+    fold_ids = [args.fold] if args.fold is not None else range(max(args.kfold, 1))
+    smallest = min(int((folds != f).sum()) for f in fold_ids)
+    if smallest < args.batch_size:
+        raise DataError(f"--batch_size {args.batch_size} is larger than the smallest training split "
+                        f"({smallest} images); lower it or use fewer folds")
+    if not any((Path(args.save_dir) / f"fold_{f}").exists() for f in fold_ids):
+        create_model(args.model, len(table.class_names), pretrained=args.pretrained,
+                     pretrained_path=args.pretrained_path, drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
 
 
 def check_test_rows(args: argparse.Namespace, test: Table) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import signal
@@ -47,7 +48,7 @@ def _killed_run(point: str, tiny_data: Path, save_dir: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_damaged_last_checkpoint_falls_back_to_best(reference, tiny_data, tmp_path):
+def test_damaged_last_checkpoint_resumes_from_best_with_identical_results(reference, tiny_data, tmp_path):
     run, _, _ = reference
     killed = tmp_path / "run"
     _killed_run("train_step:18", tiny_data, killed)  # fold 1, epoch 1 (4 steps an epoch, 3 epochs a fold)
@@ -121,7 +122,8 @@ def test_finished_run_resumes_to_nothing(reference, tmp_path):
     before = {p.name: p.read_bytes() for p in copy.glob("*.csv")}
     proc = run_cli("main.py", "--save_dir", copy, "--resume_training", "--output_dir", tmp_path / "out")
     assert "already finished, nothing to train" in proc.stderr
-    assert "epoch" not in proc.stderr.split("already finished")[1].split("OOF")[0]
+    assert all(f"fold {i}: already finished, skipped" in proc.stderr for i in range(3))
+    assert not re.search(r"fold \d epoch \d", proc.stderr), "a finished run trained again"
     assert {p.name: p.read_bytes() for p in copy.glob("*.csv")} == before
 
 

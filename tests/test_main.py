@@ -224,7 +224,7 @@ BAD_INPUTS = {
     "class and target disagree": (_edit_csv("class_name", 0, "zebra"), [], "several class names"),
     "duplicate path": (lambda d: _duplicate_row(d), [], "repeats line 2"),
     "absolute path": (_edit_csv("image_path", 0, "/etc/passwd"), [], "line 2: image_path '/etc/passwd' is outside"),
-    "zero-byte image": (lambda d: _image(d, 2).write_bytes(b""), [], "line 4:"),
+    "zero-byte image": (lambda d: _image(d, 2).write_bytes(b""), [], "empty file"),
     "non-image file": (lambda d: _image(d, 3).write_text("not a picture"), [], "unreadable image"),
     "header only": (lambda d: (d / "train.csv").write_text("class_name,image_path,target\n"), [], "no rows"),
     "test rows differ from sample_submission": (lambda d: _reorder_sample(d), [],
@@ -236,6 +236,13 @@ BAD_INPUTS = {
     "bad device": (None, ["--device", "gpu"], "--device gpu: not a device"),
     "missing solution": (None, ["--test_solution", "nope.csv"], "--test_solution nope.csv: file not found"),
     "missing CSV": (lambda d: (d / "train.csv").unlink(), [], "train.csv: file not found"),
+    # Found by the preflight, still before anything is written:
+    "batch above a fold's split": (None, ["--batch_size", "40", "--kfold", "4"],
+                                   "--batch_size 40 is larger than the smallest training split (36 images)"),
+    "fp16 on the CPU": (None, ["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    "hub unreachable": (None, ["--model", "resnet18", "--pretrained"], "pass --pretrained_path FILE"),
+    "unloadable pretrained file": (None, ["--pretrained_path", "{data}/train.csv"], "cannot load into"),
+    "solution of other rows": (None, ["--test_solution", "{data}/train.csv"], "its rows differ from the test rows"),
     "holdout too small": (None, ["--kfold", "1", "--val_ratio", "0.02"], "--val_ratio 0.02: cannot split"),
 }
 
