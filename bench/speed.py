@@ -1,0 +1,490 @@
+"""Training and inference throughput of the suite against its ceiling and a plain competition baseline.
+
+    python bench/speed.py                                    # resnet18, 224 px, batch 32, 512 images, 2 epochs
+    python bench/speed.py --model resnet18 --size 64 --images 128 --epochs 2    # a quick check
+    python bench/speed.py --size 224 --images 256 --upscale 500                 # decode cost of large JPEGs
+    python bench/speed.py --model convnext_tiny --size 384 --batch_size 16 --device cuda
+
+In one process, on the same images (``shared/datasets/tuberlin40`` beside the repository) and the same model with
+random weights, it measures images per second for three loops:
+
+* ceiling: optimizer steps (or forward passes) on one batch of tensors already in memory, in the suite's precision
+  (``train.resolve_amp``), memory format and optimizer (``train.build_training``): the best the model can do;
+* suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``train._loader`` and the
+  training augmentation, built as ``train.train_fold`` builds them (inference: ``inference.predict_logits`` with
+  the eval transform at twice the batch size);
+* reference: the usual competition baseline: fp32, NCHW, ``cv2.imread`` + ``cv2.cvtColor`` of the full image,
+  albumentations ``Resize + Normalize + ToTensorV2``, a standard ``DataLoader(shuffle=True)`` with as many workers,
+  ``torch.optim.AdamW`` and ``F.cross_entropy`` (inference: the same data under ``torch.no_grad``).
+
+Each loop runs ``--epochs`` passes over ``--images`` images; epoch 1 (worker start-up, kernel selection) is shown
+apart from the throughput of epochs 2..N (images over seconds, summed), which the ratios use. The training images
+are 150 px JPEGs; ``--upscale N`` first writes copies of the chosen images enlarged to N px on their longest side
+into a temporary folder, since competition images are larger and their decoding costs more. Peak memory is the
+process's maximum resident set so far (``getrusage``; it only grows, so a row includes the loops measured before
+it: train ceiling, train suite, inference ceiling, inference suite, train reference, inference reference), and on a
+GPU the CUDA allocator's peak of each loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+import main as suite_main  # noqa: E402
+from cli import ArgumentParser  # noqa: E402
+from dataset import DataError, ImageDataset, SeededSampler, Table, read_train_table  # noqa: E402
+from inference import predict_logits  # noqa: E402
+from model import ModelError, create_model  # noqa: E402
+from seed import derive_seed, seed_everything  # noqa: E402
+from train import _loader, autocast, build_training, resolve_device, train_one_epoch  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tuberlin40"
+LOOPS = ("ceiling", "suite", "reference")
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+@dataclass
+class Result:
+    """Images and seconds of each epoch of one loop, and the memory peaks seen after it."""
+
+    images: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    rss_mb: float = 0.0
+    cuda_mb: float | None = None
+
+    def add(self, images: int, seconds: float) -> None:
+        self.images.append(images)
+        self.seconds.append(seconds)
+
+    @property
+    def first(self) -> float:
+        """Images per second of epoch 1."""
+        return self.images[0] / self.seconds[0]
+
+    @property
+    def later(self) -> float | None:
+        """Images per second over epochs 2..N (None with one epoch)."""
+        if len(self.images) < 2:
+            return None
+        return sum(self.images[1:]) / sum(self.seconds[1:])
+
+    @property
+    def steady(self) -> float:
+        """The throughput the ratios use: epochs 2..N, or epoch 1 alone."""
+        return self.first if self.later is None else self.later
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _start(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _finish(result: Result, device: torch.device) -> Result:
+    result.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result.cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- data
+def choose_images(table: Table, count: int) -> np.ndarray:
+    """``count`` row indices of ``table``, drawn once with a fixed seed."""
+    if count > len(table.paths):
+        raise DataError(f"--images {count}: the training set has only {len(table.paths)} images")
+    return np.sort(np.random.default_rng(0).permutation(len(table.paths))[:count])
+
+
+def _upscale_one(src: str, dst: Path, size: int) -> None:
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        scale = size / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    im.save(dst, "JPEG", quality=90)
+
+
+def upscale_copies(table: Table, idx: np.ndarray, size: int, folder: Path) -> list[str]:
+    """Write the chosen images enlarged to ``size`` px (longest side) as JPEGs under ``folder``; their paths."""
+    rels = [table.rel_paths[i] for i in idx]
+    dsts = [folder / rel for rel in rels]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(_upscale_one, [table.paths[i] for i in idx], dsts, [size] * len(idx)))
+    return [str(d) for d in dsts]
+
+
+class ReferenceDataset(Dataset):
+    """The usual baseline's dataset: full-size ``cv2.imread``, BGR to RGB, then an albumentations pipeline."""
+
+    def __init__(self, paths: list[str], targets: np.ndarray, size: int):
+        self.paths, self.targets = paths, targets
+        self.transform = A.Compose([A.Resize(size, size), A.Normalize(), ToTensorV2()])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = cv2.cvtColor(cv2.imread(self.paths[index]), cv2.COLOR_BGR2RGB)
+        return self.transform(image=image)["image"], int(self.targets[index])
+
+
+def _memory_batch(paths: list[str], transform, img_size: tuple[int, int], count: int) -> torch.Tensor:
+    """``count`` real images through ``transform``, stacked (repeating the images if there are fewer)."""
+    ds = ImageDataset(paths, None, transform, img_size)
+    return torch.stack([ds[i % len(ds)][0] for i in range(count)])
+
+
+# ----------------------------------------------------------------------------------------------- training loops
+def train_ceiling(args, num_classes: int, paths: list[str], device: torch.device, epochs: int) -> Result:
+    """Suite training steps (precision, memory format, optimizer, loss, scaler) on one batch held on the device."""
+    seed_everything(args.seed)
+    t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = _memory_batch(paths, t.eval_transform, t.img_size, args.batch_size)
+    images = images.to(device, memory_format=memory_format)
+    targets = torch.randint(0, num_classes, (args.batch_size,), device=device)
+    steps = len(paths) // args.batch_size
+    result = Result()
+    t.model.train()
+    _start(device)
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for _ in range(steps):
+            with autocast(device, t.amp_dtype):
+                loss = t.criterion(t.model(images), targets)
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.scheduler.step()
+        _sync(device)
+        result.add(steps * args.batch_size, time.perf_counter() - start)
+    return _finish(result, device)
+
+
+def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int):
+    """The suite's own epoch, loader and augmentation, built as ``train.train_fold`` builds them (fold 0).
+
+    Returns the result and the trained training bundle (its model is measured for inference next).
+    """
+    fold = 0
+    seed_everything(derive_seed(args.seed, fold), args.deterministic)
+    t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
+    train_ds = ImageDataset(paths, targets, t.train_transform, t.img_size)
+    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1))
+    loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True)
+    result = Result()
+    _start(device)
+    for epoch in range(epochs):
+        seed_everything(derive_seed(args.seed, fold, epoch), args.deterministic)
+        start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_one_epoch(
+            t.model,
+            loader,
+            t.criterion,
+            t.optimizer,
+            t.scheduler,
+            t.scaler,
+            device,
+            t.amp_dtype,
+            args.channels_last,
+            args.accumulation_steps,
+            t.mixup_fn,
+            args.clip_grad,
+            desc=f"suite epoch {epoch}",
+        )
+        result.add(len(loader) * args.batch_size, time.perf_counter() - start)
+    return _finish(result, device), t
+
+
+def train_reference(
+    args, num_classes: int, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int
+) -> tuple[Result, torch.nn.Module]:
+    """The usual baseline: fp32 NCHW model, cv2 decode + Resize + Normalize, DataLoader(shuffle=True), AdamW."""
+    seed_everything(args.seed)
+    model = create_model(args.model, num_classes, drop_rate=args.drop_rate, drop_path_rate=args.drop_path).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    loader = DataLoader(
+        ReferenceDataset(paths, targets, args.resize_height),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    result = Result()
+    _start(device)
+    for _ in range(epochs):
+        model.train()
+        start, seen, running = time.perf_counter(), 0, 0.0
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * images.size(0)  # the baseline's running loss: a sync per step
+            seen += images.size(0)
+        result.add(seen, time.perf_counter() - start)
+    return _finish(result, device), model
+
+
+# ----------------------------------------------------------------------------------------------- inference loops
+def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
+    """Forward passes of the suite's model in its precision and memory format on one batch held on the device."""
+    batch = args.batch_size * 2
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = _memory_batch(paths, t.eval_transform, t.img_size, batch).to(device, memory_format=memory_format)
+    steps = max(1, len(paths) // batch)
+    result = Result()
+    t.model.eval()
+    _start(device)
+    with torch.inference_mode():
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for _ in range(steps):
+                with autocast(device, t.amp_dtype):
+                    t.model(images)
+            _sync(device)
+            result.add(steps * batch, time.perf_counter() - start)
+    return _finish(result, device)
+
+
+def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
+    """``inference.predict_logits`` with the eval transform and the suite's loader at twice the batch size."""
+    loader = _loader(
+        ImageDataset(paths, None, t.eval_transform, t.img_size), args.batch_size * 2, args.num_workers, device
+    )
+    result = Result()
+    _start(device)
+    for _ in range(epochs):
+        start = time.perf_counter()
+        logits, _ = predict_logits(t.model, loader, device, t.amp_dtype, args.channels_last, desc="suite predict")
+        result.add(len(logits), time.perf_counter() - start)
+    return _finish(result, device)
+
+
+def infer_reference(
+    args, model: torch.nn.Module, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int
+) -> Result:
+    """The baseline's prediction: fp32 NCHW forward under ``torch.no_grad`` with its own loader."""
+    loader = DataLoader(
+        ReferenceDataset(paths, targets, args.resize_height),
+        batch_size=args.batch_size * 2,
+        shuffle=False,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    result = Result()
+    model.eval()
+    _start(device)
+    for _ in range(epochs):
+        start, outputs = time.perf_counter(), []
+        with torch.no_grad():
+            for images, _ in loader:
+                outputs.append(model(images.to(device)).cpu())
+        result.add(sum(len(o) for o in outputs), time.perf_counter() - start)
+    return _finish(result, device)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def print_table(phase: str, results: dict[str, Result]) -> None:
+    """One row per loop: epoch 1, epochs 2..N, memory peaks."""
+    for name in LOOPS:
+        r = results[name]
+        cuda = "" if r.cuda_mb is None else f" {r.cuda_mb:>9.0f}"
+        print(f"{phase:<9} {name:<9} {_rate(r.first):>9} {_rate(r.later):>11} {r.rss_mb:>9.0f}{cuda}")
+
+
+def print_summary(phase: str, results: dict[str, Result]) -> None:
+    """The steady throughput of the three loops and the ratios, on one line."""
+    ceiling, suite, reference = (results[name].steady for name in LOOPS)
+    print(
+        f"{phase:<9} ceiling {ceiling:.1f} img/s   suite {suite:.1f} img/s   reference {reference:.1f} img/s   "
+        f"suite/ceiling {suite / ceiling:.2f}   suite/reference {suite / reference:.1f}x"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- main
+def get_args_parser() -> argparse.ArgumentParser:
+    defaults = suite_main.get_args_parser().parse_args([])
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18", help="timm model name, random weights (default: resnet18)")
+    parser.add_argument("--size", type=int, default=224, help="working image size in px, square (default: 224)")
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="training batch; inference uses twice it (default: 32)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="passes per loop; epoch 1 is reported apart from epochs 2..N (default: 2)"
+    )
+    parser.add_argument("--images", type=int, default=512, help="training images used (default: 512)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=defaults.num_workers,
+        help=f"loader processes of the suite and the reference (default: main.py's, here {defaults.num_workers})",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--upscale",
+        type=int,
+        default=None,
+        help="first write copies of the images enlarged to this many px (e.g. 500) and use those "
+        "(default: the 150 px originals)",
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help=f"dataset in the competition layout (default: {DATA})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    opts = parser.parse_args(argv)
+    if opts.epochs < 1 or opts.images < 1 or opts.size < 1 or opts.batch_size < 1:
+        parser.error("--epochs, --images, --size and --batch_size must be at least 1")
+    if opts.images < opts.batch_size:
+        parser.error(f"--images {opts.images} is fewer than one --batch_size {opts.batch_size}")
+    if opts.upscale is not None and opts.upscale < 1:
+        parser.error("--upscale must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
+        # The suite's own argument Namespace, resolved as main.py resolves it.
+        args = suite_main.resolve_args(
+            suite_main.get_args_parser(),
+            [
+                "--model",
+                opts.model,
+                "--resize_height",
+                str(opts.size),
+                "--resize_width",
+                str(opts.size),
+                "--batch_size",
+                str(opts.batch_size),
+                "--max_epochs",
+                str(opts.epochs),
+                "--num_workers",
+                str(opts.num_workers),
+                "--device",
+                opts.device,
+                "--train_dir",
+                str(opts.data / "train"),
+                "--train_csv",
+                str(opts.data / "train.csv"),
+                "--test_dir",
+                str(opts.data / "test"),
+                "--test_csv",
+                str(opts.data / "test.csv"),
+                "--save_dir",
+                str(Path(tmp) / "run"),
+                "--skip_image_check",
+            ],
+        )
+        try:
+            device = resolve_device(args.device)
+            table = read_train_table(args.train_csv, args.train_dir, check=False)
+            idx = choose_images(table, opts.images)
+            paths = [table.paths[i] for i in idx]
+            if opts.upscale:
+                paths = upscale_copies(table, idx, opts.upscale, Path(tmp) / "upscaled")
+            targets = table.targets[idx]
+            num_classes = len(table.class_names)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # as train.run does
+            run(args, opts, device, paths, targets, num_classes)
+        except (DataError, ModelError) as e:
+            parser.error(str(e))
+    return 0
+
+
+def _progress(loop: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} measuring {loop}", file=sys.stderr, flush=True)
+
+
+def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int) -> None:
+    """Measure the six loops and print the tables."""
+    with Image.open(paths[0]) as im:
+        source = f"{im.width}x{im.height} px JPEGs" + (", upscaled copies" if opts.upscale else "")
+    epochs = opts.epochs
+    print(
+        f"model {args.model} (random weights), {args.resize_height}x{args.resize_width} px, batch {args.batch_size}"
+        f" (inference {args.batch_size * 2}), {len(paths)} images ({source}), {epochs} epoch(s), "
+        f"{args.num_workers} loader worker(s)",
+        flush=True,
+    )
+    cpu = f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average "
+    cpu += " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu}), "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
+
+    train, infer = {}, {}
+    _progress("train ceiling")
+    train["ceiling"] = train_ceiling(args, num_classes, paths, device, epochs)
+    _progress("train suite")
+    train["suite"], t = train_suite(args, num_classes, paths, targets, device, epochs)
+    precision = "fp32" if t.amp_dtype is None else str(t.amp_dtype).split(".")[-1]
+    print(
+        f"suite precision {precision}{', channels_last' if args.channels_last else ''}, optimizer "
+        f"{args.optimizer}, loss {args.loss}, augmentation {args.aug}; reference fp32, NCHW, torch AdamW, "
+        "cross entropy",
+        flush=True,
+    )
+    _progress("inference ceiling")
+    infer["ceiling"] = infer_ceiling(args, t, paths, device, epochs)
+    _progress("inference suite")
+    infer["suite"] = infer_suite(args, t, paths, device, epochs)
+    del t
+    _progress("train reference")
+    train["reference"], model = train_reference(args, num_classes, paths, targets, device, epochs)
+    _progress("inference reference")
+    infer["reference"] = infer_reference(args, model, paths, targets, device, epochs)
+
+    cuda = device.type == "cuda"
+    print()
+    print(f"{'':<9} {'loop':<9} {'epoch 1':>9} {'epochs 2..N':>11} {'peak RSS':>9}{' CUDA peak' if cuda else ''}")
+    print(f"{'':<9} {'':<9} {'img/s':>9} {'img/s':>11} {'MiB':>9}{'       MiB' if cuda else ''}")
+    print_table("train", train)
+    print_table("inference", infer)
+    print()
+    print_summary("train", train)
+    print_summary("inference", infer)
+    print("(ratios from epochs 2..N" if epochs > 1 else "(ratios from epoch 1", end="")
+    print(
+        "; peak RSS: the process's maximum so far, loops measured in the order train ceiling, train suite, "
+        "inference ceiling, inference suite, train reference, inference reference)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
