@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
-import torch
 from torch import nn
 
 _logger = logging.getLogger(__name__)
@@ -141,10 +140,3 @@ def has_depthwise_conv(model: nn.Module) -> bool:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def load_weights(model: nn.Module, checkpoint_path: str | os.PathLike) -> dict:
-    """Load the model weights of a suite checkpoint (with ``weights_only=True``); returns the whole checkpoint."""
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    return ckpt

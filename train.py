@@ -51,7 +51,7 @@ from augmentation import create_transform
 from dataset import DataError, ImageDataset, SeededSampler, Table
 from fileio import WriteError, atomic_write, write_csv, write_json
 from loss import create_loss
-from model import create_model, has_depthwise_conv, model_data_config
+from model import count_parameters, create_model, has_depthwise_conv, model_data_config
 from seed import derive_seed, get_rng_state, seed_everything, seed_worker, set_rng_state
 
 _logger = logging.getLogger(__name__)
@@ -453,8 +453,9 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
         _write_metrics(history, fold_dir)
 
     writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch)
-    _logger.info("fold %d: %d train / %d val images, %d updates per epoch, precision %s%s", fold, len(train_idx),
-                 len(val_idx), updates_per_epoch, "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1],
+    _logger.info("fold %d: %d train / %d val images, %s (%.1fM parameters), %d updates per epoch, precision %s%s",
+                 fold, len(train_idx), len(val_idx), args.model, count_parameters(model) / 1e6, updates_per_epoch,
+                 "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1],
                  ", channels_last" if args.channels_last else "")
     try:
         for epoch in range(start_epoch, args.max_epochs):

@@ -23,13 +23,13 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import model as model_module
+import train
 from model import (
     MODELS,
     ModelError,
     count_parameters,
     create_model,
     has_depthwise_conv,
-    load_weights,
     model_data_config,
     resolve_model_name,
 )
@@ -260,8 +260,8 @@ def test_pretrained_path_never_runs_code_from_the_file(tmp_path: Path) -> None:
     torch.save({"model": {"fc.bias": torch.zeros(3)}, "extra": _Payload(marker)}, path)
     with pytest.raises(ModelError, match=re.escape(f"--pretrained_path {path}: cannot load")):
         create_model("test_resnet", num_classes=5, pretrained_path=str(path))
-    with pytest.raises(pickle.UnpicklingError):  # load_weights reads checkpoints the same safe way
-        load_weights(create_model("test_resnet", num_classes=5), path)
+    with pytest.raises(pickle.UnpicklingError):  # the trainer reads checkpoints the same safe way
+        train.load_checkpoint(path)
     assert not marker.exists()
     # Control: the payload is real, an unrestricted load would have run it.
     torch.load(path, weights_only=False)
@@ -366,28 +366,3 @@ def test_model_data_config(name: str, mean: tuple, std: tuple) -> None:
     assert len(cfg["input_size"]) == 3
 
 
-@pytest.mark.usefixtures("restore_torch_rng")
-def test_load_weights_round_trip(tmp_path: Path) -> None:
-    torch.manual_seed(7)
-    trained = create_model("test_resnet", num_classes=4)
-    with torch.no_grad():  # a training-mode pass moves the batch-norm running statistics off their init
-        trained.train()(torch.randn(4, 3, 32, 32))
-    path = tmp_path / "best.pth"
-    _suite_checkpoint(path, trained.state_dict())
-    torch.manual_seed(8)
-    fresh = create_model("test_resnet", num_classes=4)
-    assert not all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
-    ckpt = load_weights(fresh, path)
-    assert ckpt["epoch"] == 3 and ckpt["class_names"] == ["airplane", "cat"]
-    for k, v in trained.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(fresh.eval()(x), trained.eval()(x))
-
-
-def test_load_weights_wrong_head_fails(tmp_path: Path) -> None:
-    path = tmp_path / "best.pth"
-    _suite_checkpoint(path, create_model("test_resnet", num_classes=4).state_dict())
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        load_weights(create_model("test_resnet", num_classes=6), path)
