@@ -540,12 +540,17 @@ def load_or_make_folds(args: argparse.Namespace, table: Table) -> np.ndarray:
     return saved["fold"].to_numpy()
 
 
+def requested_folds(args: argparse.Namespace) -> list[int]:
+    """The folds this invocation trains: ``--fold`` alone, or all of them."""
+    return [args.fold] if args.fold is not None else list(range(max(args.kfold, 1)))
+
+
 def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None:
     """Everything a fold would refuse, checked before the run writes anything: precision for the device, batch
     size against the smallest training split, and the model itself, built once with its pretrained weights."""
     device = resolve_device(args.device)
     resolve_amp(args.amp, device)
-    fold_ids = [args.fold] if args.fold is not None else range(max(args.kfold, 1))
+    fold_ids = requested_folds(args)
     smallest = min(int((folds != f).sum()) for f in fold_ids)
     if smallest < args.batch_size:
         raise DataError(f"--batch_size {args.batch_size} is larger than the smallest training split "
@@ -576,7 +581,7 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) 
         write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}), folds_path)
     if not (run_dir / "test_rows.csv").exists():
         write_csv(pd.DataFrame({"image_path": test.rel_paths}), run_dir / "test_rows.csv")
-    fold_ids = [args.fold] if args.fold is not None else list(range(max(args.kfold, 1)))
+    fold_ids = requested_folds(args)
     if all((run_dir / f"fold_{fold}" / "done.json").exists() for fold in fold_ids):
         _logger.info("%s: already finished, nothing to train; its outputs are rewritten from the folds", run_dir)
     for fold in fold_ids:
