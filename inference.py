@@ -79,10 +79,9 @@ def read_solution(solution_csv: str | Path, image_paths: list[str]) -> np.ndarra
     return targets.to_numpy()
 
 
-def score_submission(submission: pd.DataFrame, solution_csv: str | Path) -> float:
-    """Accuracy of a submission against a solution file with the same image_path rows."""
-    truth = read_solution(solution_csv, submission["image_path"].tolist())
-    return float((truth == submission["target"].to_numpy()).mean())
+def accuracy(truth: np.ndarray | None, submission: pd.DataFrame) -> float | None:
+    """Accuracy of a submission against the targets from :func:`read_solution` (None without them)."""
+    return None if truth is None else float((truth == submission["target"].to_numpy()).mean())
 
 
 def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_workers: int, device: torch.device,
@@ -167,15 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch_size must be at least 1 and --num_workers not negative")
     try:
         test = read_test_table(test_csv, test_dir)
-        if args.test_solution is not None:
-            read_solution(args.test_solution, test.rel_paths)  # a wrong file fails now, not after predicting
+        # A wrong solution file fails now, not after predicting.
+        truth = None if args.test_solution is None else read_solution(args.test_solution, test.rel_paths)
         probs = predict_checkpoints(checkpoints, test, args.batch_size,
                                     run_args["num_workers"] if args.num_workers is None else args.num_workers,
                                     resolve_device(args.device), args.amp or run_args["amp"],
                                     run_args.get("channels_last", True))
         write_probs(probs, test.rel_paths, output.with_name(output.stem + "_probs.csv"))
         submission = write_submission(probs, test.rel_paths, output)
-        score = None if args.test_solution is None else score_submission(submission, args.test_solution)
+        score = accuracy(truth, submission)
     except (DataError, ModelError) as e:
         parser.error(str(e))
     except WriteError as e:

@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         test = read_test_table(args.test_csv, args.test_dir, check)
         if args.sample_submission is not None:
             check_sample_submission(args.sample_submission, test)
-        if args.test_solution is not None:
-            inference.read_solution(args.test_solution, test.rel_paths)
+        truth = None if args.test_solution is None else inference.read_solution(args.test_solution, test.rel_paths)
         folds = train.load_or_make_folds(args, table)
         train.check_test_rows(args, test)
         train.preflight(args, table, folds)
@@ -297,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         copy = args.output_dir / f"{args.save_dir.name}.csv"
         with atomic_write(copy, "wb") as f:
             f.write(Path(summary["submission"]).read_bytes())
-        score = None
-        if args.test_solution is not None:
-            score = inference.score_submission(summary["submission_df"], args.test_solution)
+        score = inference.accuracy(truth, summary["submission_df"])
     except (DataError, ModelError) as e:
         parser.error(str(e))
     except WriteError as e:  # disk full, read-only folder...: say so in one line; what was written before is intact

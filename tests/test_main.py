@@ -97,6 +97,14 @@ def test_inference_rebuilds_the_run(kfold_run, tmp_path):
     f0 = pd.read_csv(tmp_path / "f0.csv")
     assert (f0["target"] == np.load(run / "fold_0" / "test_probs.npy").argmax(1)).all()
 
+    solution = pd.read_csv(ROOT / "data" / "tuberlin10" / "test_solution.csv").head(10)
+    solution["target"] = solution["target"] % 4
+    solution.to_csv(tmp_path / "solution.csv", index=False)
+    scored = run_cli("inference.py", "--save_dir", run, "--output", tmp_path / "scored.csv", "--num_workers", "0",
+                     "--test_solution", tmp_path / "solution.csv")
+    expected = (pd.read_csv(tmp_path / "scored.csv")["target"] == solution["target"]).mean()
+    assert f"test accuracy: {expected:.4f}" in scored.stdout
+
     run_cli("ensemble_csv.py", run / "submission.csv", tmp_path / "all.csv", tmp_path / "f0.csv",
             "-o", tmp_path / "vote.csv")
     vote = pd.read_csv(tmp_path / "vote.csv")
