@@ -327,6 +327,22 @@ AUGMENTATIONS: dict[str, Callable[[tuple[int, int]], list[A.BasicTransform]]] = 
 }
 
 
+def _fit(h: int, w: int) -> list[A.BasicTransform]:
+    return [
+        A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=255, position="center"),
+    ]
+
+
+def fit_transform(img_size: tuple[int, int]) -> A.Compose:
+    """The deterministic first steps of every pipeline: resize to fit ``img_size`` = (H, W), pad with white.
+
+    Idempotent (an image already fitted passes through unchanged), so a cache of fitted images feeds the full
+    pipeline of :func:`create_transform` and gets exactly what decoding would have given.
+    """
+    return A.Compose(_fit(int(img_size[0]), int(img_size[1])))
+
+
 def create_transform(
     img_size: tuple[int, int],
     is_training: bool,
@@ -343,10 +359,7 @@ def create_transform(
     if aug not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {aug!r}; choices: {sorted(AUGMENTATIONS)}")
     h, w = int(img_size[0]), int(img_size[1])
-    transforms: list[A.BasicTransform] = [
-        A.LongestMaxSize(max_size_hw=(h, w), interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
-        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=255, position="center"),
-    ]
+    transforms: list[A.BasicTransform] = _fit(h, w)
     if is_training:
         transforms += AUGMENTATIONS[aug]((h, w))
     transforms += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]

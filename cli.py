@@ -16,3 +16,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def default_workers() -> int:
     """Data-loader processes for this machine: the usable cores, at most 8."""
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def default_cache_gb() -> float:
+    """The decoded-image cache's default bound: a quarter of this machine's memory, in GiB (4 where unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4.0
+    return round(total / 4 / 2**30, 1)

@@ -13,7 +13,10 @@ JPEGs are decoded at a reduced scale (Pillow's draft mode) when the working size
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -305,28 +308,136 @@ def check_sample_submission(sample_csv: str | os.PathLike, test: Table) -> None:
                             f"{test.source}'s row {i} (ID {i}, image_path {want!r})")
 
 
+# ----------------------------------------------------------------------------------------------- decoded cache
+CACHE_MODES = ("none", "ram", "disk")
+
+
+class ImageCache:
+    """Decoded images fitted to the working size (uint8 H x W x 3), so that epochs after the first skip decoding.
+
+    ``ram``: one anonymous shared memory map, made before the loader workers fork, so every worker reads and fills
+    the same copy (and a k-fold run keeps it across folds). ``disk``: one ``.npy`` file per image under
+    ``cache_dir/<H>x<W>/``, named by a hash of the image's path, size and modification time (an edited image is
+    decoded again), written atomically, and shared by every run at that size. Bounded: only the first
+    ``limit_bytes // (H * W * 3)`` images are cached; the rest are decoded every time.
+    """
+
+    def __init__(self, paths: Sequence[str], img_size: tuple[int, int], mode: str, limit_bytes: int,
+                 cache_dir: str | os.PathLike | None = None):
+        if mode not in ("ram", "disk"):
+            raise ValueError(f"unknown cache mode {mode!r}")
+        self.paths, self.mode = [os.path.abspath(p) for p in paths], mode
+        self.shape = (int(img_size[0]), int(img_size[1]), 3)
+        self.item_bytes = int(np.prod(self.shape))
+        self.capacity = int(min(len(self.paths), max(0, limit_bytes) // self.item_bytes))
+        if mode == "ram":
+            # MAP_SHARED | MAP_ANONYMOUS: shared with forked workers, no /dev/shm needed, pages taken as filled.
+            self._data = mmap.mmap(-1, max(1, self.capacity * self.item_bytes))
+            self._filled = mmap.mmap(-1, max(1, self.capacity))
+        else:
+            if cache_dir is None:
+                raise ValueError("a disk cache needs cache_dir")
+            self.dir = Path(cache_dir) / f"{self.shape[0]}x{self.shape[1]}"
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def nbytes(self) -> int:
+        """The most this cache holds."""
+        return self.capacity * self.item_bytes
+
+    def _file(self, index: int) -> Path:
+        path = self.paths[index]
+        st = os.stat(path)
+        key = hashlib.blake2b(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def get(self, index: int) -> np.ndarray | None:
+        """The cached image ``index`` of ``paths``, or None."""
+        if index >= self.capacity:
+            return None
+        if self.mode == "ram":
+            if not self._filled[index]:
+                return None
+            start = index * self.item_bytes
+            return np.frombuffer(self._data, np.uint8, self.item_bytes, start).reshape(self.shape).copy()
+        try:
+            image = np.load(self._file(index), allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # not there yet, or cut short by a crash: decode again
+            return None
+        return image if image.shape == self.shape and image.dtype == np.uint8 else None
+
+    def put(self, index: int, image: np.ndarray) -> None:
+        """Store the fitted image ``index`` (ignored beyond the bound, or if the disk refuses it)."""
+        if index >= self.capacity or image.shape != self.shape:
+            return
+        if self.mode == "ram":
+            start = index * self.item_bytes
+            self._data[start : start + self.item_bytes] = np.ascontiguousarray(image, np.uint8).tobytes()
+            self._filled[index] = 1  # after the pixels: a reader never sees a half-written image as filled
+            return
+        path = self._file(index)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(image, np.uint8), allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk slows the run down; it must not stop it
+            _logger.debug("image cache: cannot write %s (%s)", path, e.strerror)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def __getstate__(self):
+        if self.mode == "ram":  # spawned (not forked) workers cannot share the map: they decode instead
+            state = self.__dict__.copy()
+            state["capacity"], state["_data"], state["_filled"] = 0, None, None
+            return state
+        return self.__dict__
+
+
 # ----------------------------------------------------------------------------------------------- torch data
 class ImageDataset(Dataset):
     """Decoded, transformed images with their targets (-1 for unlabeled test images).
 
     An item is an index, or ``(index, seed)`` from :class:`SeededSampler`: then the albumentations pipeline draws
     from generators seeded by ``seed``, so a sample's augmentation depends on the seed alone, not on the worker
-    or the order in which it is loaded.
+    or the order in which it is loaded. With an :class:`ImageCache` (``cache_ids``: each item's index in the
+    cache), images are decoded and fitted to ``img_size`` once, then served from the cache; the transform's own
+    fitting steps leave them unchanged, so a sample is the same with or without the cache.
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform,
-                 img_size: tuple[int, int] | None = None):
+                 img_size: tuple[int, int] | None = None, cache: ImageCache | None = None,
+                 cache_ids: Sequence[int] | None = None):
         self.paths = list(paths)
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets), dtype=torch.long)
         self.transform = transform
         self.draft_size = None if img_size is None else (img_size[1], img_size[0])
+        self.cache = cache
+        if cache is not None:
+            if img_size is None:
+                raise ValueError("a cached dataset needs img_size")
+            from augmentation import fit_transform
+
+            self.fit = fit_transform(img_size)
+            self.cache_ids = np.arange(len(self.paths)) if cache_ids is None else np.asarray(cache_ids)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _image(self, index: int) -> np.ndarray:
+        if self.cache is None:
+            return load_image(self.paths[index], self.draft_size)
+        key = int(self.cache_ids[index])
+        image = self.cache.get(key)
+        if image is None:
+            image = self.fit(image=load_image(self.paths[index], self.draft_size))["image"]
+            self.cache.put(key, image)
+        return image
+
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = load_image(self.paths[index], self.draft_size)
+        image = self._image(index)
         if seed is not None:
             self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image = self.transform(image=image)["image"]

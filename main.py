@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from augmentation import AUGMENTATIONS
-from cli import ArgumentParser, default_workers
+from cli import ArgumentParser, default_cache_gb, default_workers
 from loss import LOSSES
 from model import MODELS
 
@@ -34,10 +34,12 @@ PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path
               "test_solution", "sample_submission")
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
-                       "test_solution", "skip_image_check", "sample_submission"}
+                       "test_solution", "skip_image_check", "sample_submission", "cache", "cache_dir", "cache_gb",
+                       "eval_batch_size", "compile"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from dataset import CACHE_MODES
     from train import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +68,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="probability of mixing a batch when mixup or cutmix is on (default: 1.0)")
     data.add_argument("--num_workers", type=int, default=default_workers(),
                       help="data loader processes (default: the number of usable cores, at most 8)")
+    data.add_argument("--cache", default="ram", choices=CACHE_MODES,
+                      help="keep decoded images at the working size so epochs after the first skip decoding: ram "
+                           "(shared by the loader workers), disk (.npy files under --cache_dir, shared by runs) or "
+                           "none (default: ram)")
+    data.add_argument("--cache_dir", type=Path, default=Path("cache"),
+                      help="folder of --cache disk (default: cache)")
+    data.add_argument("--cache_gb", type=float, default=default_cache_gb(),
+                      help="most GiB the cache holds; images beyond it are decoded each time (default: a quarter of "
+                           f"this machine's memory, here {default_cache_gb():g})")
     data.add_argument("--skip_image_check", action="store_true",
                       help="do not decode every image before training (default: decode them all, and stop listing "
                            "every unreadable one)")
@@ -85,7 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="stochastic depth rate (default: the model's own)")
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--batch_size", type=int, default=32, help="images per batch (default: 32)")
+    optim.add_argument("--batch_size", type=int, default=32,
+                       help="images per batch (per process under torchrun) (default: 32)")
+    optim.add_argument("--eval_batch_size", type=int, default=None,
+                       help="images per batch of validation and test prediction (default: twice --batch_size)")
     optim.add_argument("--accumulation_steps", type=int, default=1,
                        help="batches per optimizer update (default: 1)")
     optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
@@ -120,6 +134,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                               "CPUs without bf16 and for depthwise nets on the CPU (default: auto)")
     runtime.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                          help="NHWC memory format (default: on)")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile the model: slower start, faster steps, mostly on GPUs (default: off)")
     runtime.add_argument("--deterministic", action="store_true",
                          help="deterministic kernels: a CPU run repeats bit for bit (default: off)")
 
@@ -172,6 +188,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         elif (args.save_dir / "args.json").exists():
             parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
                          "or choose another --save_dir")
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
     _check_args(parser, args)
     return args
 
@@ -190,6 +208,7 @@ def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) 
                          "a resumed run keeps its arguments (start a new --save_dir to change it)")
     merged = {**saved, **{k: v for k, v in vars(args).items() if k in given and k in RESUMABLE_OVERRIDES}}
     args = argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
+    args.saved_world_size = saved.get("world_size", 1)
     args.save_dir, args.resume_training = save_dir, True
     for key in PATH_FLAGS:
         if getattr(args, key) is not None:
@@ -199,11 +218,12 @@ def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) 
 
 def _check_args(parser, args: argparse.Namespace) -> None:
     """Refuse values and combinations that cannot train, or would train wrongly, naming the flag."""
-    for flag in ("batch_size", "accumulation_steps", "max_epochs", "resize_height", "resize_width", "kfold"):
+    for flag in ("batch_size", "eval_batch_size", "accumulation_steps", "max_epochs", "resize_height", "resize_width",
+                 "kfold"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs",
-                 "num_workers", "drop_path", "clip_grad", "focal_gamma"):
+                 "num_workers", "drop_path", "clip_grad", "focal_gamma", "cache_gb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if args.learning_rate == 0:
@@ -250,13 +270,31 @@ def _newest_run() -> Path | None:
     return runs[-1].parent if runs else None
 
 
-def _setup_logging(save_dir: Path) -> None:
+def _setup_logging(save_dir: Path | None) -> None:
+    """INFO to stderr and SAVE_DIR/train.log; without a folder (DDP ranks above 0) warnings to stderr only."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(save_dir / "train.log")):
+    root.setLevel(logging.INFO if save_dir is not None else logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if save_dir is not None:
+        handlers.append(logging.FileHandler(save_dir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+
+
+def _join_processes(args: argparse.Namespace, train) -> int:
+    """Under torchrun: join the process group and agree on rank 0's run folder. The number of processes."""
+    import torch.distributed as dist
+
+    saved_world = args.__dict__.pop("saved_world_size", None)
+    world = train.init_distributed(args.device)
+    if world > 1:
+        names = [str(args.save_dir)]
+        dist.broadcast_object_list(names, src=0)  # a default folder is named by the time, which may differ
+        args.save_dir = Path(names[0])
+    args.world_size = saved_world if args.resume_training and saved_world is not None else world
+    return world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve_model_name(args.model)
         train.resolve_device(args.device)
-        check = not args.skip_image_check
+        world = _join_processes(args, train)
+        main_process = train.is_main_process()
+        check = not args.skip_image_check and main_process  # under torchrun rank 0 decodes every image once
         if args.train_csv is None:
             table = read_folder_table(args.train_dir, check, args.skip_bad_images)
         else:
@@ -284,15 +324,22 @@ def main(argv: list[str] | None = None) -> int:
         folds = train.load_or_make_folds(args, table)
         train.check_test_rows(args, test)
         train.preflight(args, table, folds)
-        for flag in ("save_dir", "log_dir", "output_dir"):
-            _probe_writable(flag, getattr(args, flag))
-        _setup_logging(args.save_dir)
-        if not args.resume_training:
+        if main_process:
+            for flag in ("save_dir", "log_dir", "output_dir"):
+                _probe_writable(flag, getattr(args, flag))
+        train.barrier()  # every process passed its checks before rank 0 writes anything
+        _setup_logging(args.save_dir if main_process else None)
+        if args.resume_training and world != args.world_size:
+            logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
+                            "result will not repeat the uninterrupted run exactly", args.world_size, world)
+        if main_process and not args.resume_training:
             write_json(train.plain_args(args), args.save_dir / "args.json")
-        logging.info("%s run %s: %d training images, %d classes, %d test images",
+        logging.info("%s run %s: %d training images, %d classes, %d test images%s",
                      "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
-                     len(table.class_names), len(test.paths))
+                     len(table.class_names), len(test.paths), f", {world} processes" if world > 1 else "")
         summary = train.run(args, table, test, folds)
+        if not main_process:
+            return 0
         copy = args.output_dir / f"{args.save_dir.name}.csv"
         with atomic_write(copy, "wb") as f:
             f.write(Path(summary["submission"]).read_bytes())

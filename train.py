@@ -37,10 +37,12 @@ import numpy as np
 import pandas as pd
 import timm.optim
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from timm.data import Mixup
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -48,7 +50,7 @@ from tqdm import tqdm
 import faults
 import inference
 from augmentation import create_transform
-from dataset import DataError, ImageDataset, SeededSampler, Table
+from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table
 from fileio import WriteError, atomic_write, write_csv, write_json
 from loss import create_loss
 from model import count_parameters, create_model, has_depthwise_conv, model_data_config
@@ -83,11 +85,16 @@ SCHEDULERS: dict[str, callable] = {
 MONITORS: dict[str, str] = {"val_acc": "max", "val_f1": "max", "val_loss": "min"}
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+FUSED_ON_CUDA = {"adamw", "adam", "sgd"}  # torch's own optimizers: one fused kernel per step on a GPU
 
 
-def create_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """An optimizer from OPTIMIZERS via timm (foreach kernels where available)."""
-    return timm.optim.create_optimizer_v2(model, lr=lr, weight_decay=weight_decay, **OPTIMIZERS[name])
+def create_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float,
+                     device: torch.device | None = None) -> torch.optim.Optimizer:
+    """An optimizer from OPTIMIZERS via timm: fused kernels on CUDA where torch has them, else foreach."""
+    kwargs = dict(OPTIMIZERS[name])
+    if device is not None and device.type == "cuda" and name in FUSED_ON_CUDA:
+        kwargs["fused"] = True
+    return timm.optim.create_optimizer_v2(model, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_updates: int, warmup_updates: int,
@@ -107,16 +114,60 @@ def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_updates:
 
 # ----------------------------------------------------------------------------------------------- precision
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+    """``auto`` picks CUDA when present, else the CPU; under torchrun each process takes its LOCAL_RANK's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DataError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+def init_distributed(device_name: str) -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group, NCCL between GPUs, gloo on CPUs; the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        device = resolve_device(device_name)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless started by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, the only process that writes files."""
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _gather(x: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """Every process's rows of a sharded evaluation, in dataset order: SeededSampler(shuffle=False) gives rank r the
+    positions r, r + W, r + 2W... (padded to equal lengths); the padding is dropped."""
+    world = rank_world()[1]
+    if world == 1:
+        return x
+    x = x.to(device).contiguous()  # NCCL gathers GPU tensors, gloo CPU ones
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total].cpu()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -320,9 +371,12 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        with autocast(device, amp_dtype):
-            loss = criterion(model(images), targets)
-        scaler.scale(loss * scale).backward()
+        # Under DDP, gradients are all-reduced once per update, not once per accumulated batch.
+        ddp_accumulating = isinstance(model, DistributedDataParallel) and not do_step
+        with model.no_sync() if ddp_accumulating else contextlib.nullcontext():
+            with autocast(device, amp_dtype):
+                loss = criterion(model(images), targets)
+            scaler.scale(loss * scale).backward()
         faults.point("train_step")
         if do_step:
             if clip_grad:
@@ -337,14 +391,20 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         seen += images.size(0)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    totals = torch.stack([total_loss, torch.tensor(float(seen), device=device)])
+    if rank_world()[1] > 1:  # loss and images over every process
+        dist.all_reduce(totals)
     elapsed = time.perf_counter() - start
-    return {"train_loss": float(total_loss) / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
+    total_loss, seen = totals.tolist()
+    return {"train_loss": total_loss / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
 
 
 def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tuple[dict, np.ndarray]:
-    """Validation loss, accuracy and macro F1; also the probabilities (N, C)."""
+    """Validation loss, accuracy and macro F1; also the probabilities (N, C). Under DDP every process gets all."""
     logits, targets = inference.predict_logits(model, loader, device, amp_dtype, channels_last, desc=desc,
                                                fault="val_step")
+    logits = _gather(logits, len(loader.dataset), device)
+    targets = _gather(targets, len(loader.dataset), device)
     loss = F.cross_entropy(logits, targets).item()
     pred = logits.argmax(1).numpy()
     y = targets.numpy()
@@ -354,13 +414,33 @@ def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tup
 
 
 # ----------------------------------------------------------------------------------------------- one fold
-def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False):
+def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False, persistent=False):
     # The loader's own generator: starting an iterator must not draw from the global torch RNG, or dropout masks
     # would depend on when workers (kept between epochs) were started, and a resumed run would drift.
+    # Under DDP an evaluation loader gets its shard from an unshuffled SeededSampler (see _gather).
+    if sampler is None and rank_world()[1] > 1:
+        sampler = SeededSampler(len(dataset), 0, shuffle=False, num_replicas=rank_world()[1], rank=rank_world()[0])
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-                      persistent_workers=num_workers > 0 and sampler is not None,
+                      persistent_workers=num_workers > 0 and persistent,
                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
+
+
+def build_caches(args: argparse.Namespace, table: Table, test: Table) -> tuple[ImageCache | None, ImageCache | None]:
+    """The decoded-image caches of the training and the test images (``--cache``), sharing ``--cache_gb``."""
+    if args.cache == "none":
+        return None, None
+    img_size = (args.resize_height, args.resize_width)
+    limit = int(args.cache_gb * 2**30)
+    if args.cache == "ram":
+        limit //= rank_world()[1]  # each process of a DDP run holds its own copy in memory
+    train_cache = ImageCache(table.paths, img_size, args.cache, limit, args.cache_dir)
+    test_cache = ImageCache(test.paths, img_size, args.cache, limit - train_cache.nbytes, args.cache_dir)
+    cached = train_cache.capacity + test_cache.capacity
+    _logger.info("image cache (%s): %d of %d images at %dx%d, at most %.2f GiB%s", args.cache, cached,
+                 len(table.paths) + len(test.paths), *img_size, (train_cache.nbytes + test_cache.nbytes) / 2**30,
+                 "" if cached == len(table.paths) + len(test.paths) else f" (bounded by --cache_gb {args.cache_gb})")
+    return train_cache, test_cache
 
 
 def build_training(args: argparse.Namespace, num_classes: int, num_train: int, device: torch.device,
@@ -368,7 +448,7 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     """Everything one fold trains with, built from the arguments: each flag reaches its consumer here.
 
     ``load_pretrained=False`` (a fold resumed from its checkpoint) skips the pretrained weights it would overwrite,
-    so a resume works offline.
+    so a resume works offline. ``num_train``: the training images of this process (its shard under DDP).
     """
     model = create_model(args.model, num_classes, pretrained=args.pretrained and load_pretrained,
                          pretrained_path=args.pretrained_path if load_pretrained else None,
@@ -378,7 +458,7 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     img_size = (args.resize_height, args.resize_width)
     norm = {"mean": list(data_cfg["mean"]), "std": list(data_cfg["std"])}
-    optimizer = create_optimizer(args.optimizer, model, args.learning_rate, args.weight_decay)
+    optimizer = create_optimizer(args.optimizer, model, args.learning_rate, args.weight_decay, device)
     updates_per_epoch = math.ceil((num_train // args.batch_size) / args.accumulation_steps)
     scheduler = create_scheduler(args.scheduler, optimizer, args.max_epochs * updates_per_epoch,
                                  round(args.warmup_epochs * updates_per_epoch), args.min_lr / args.learning_rate)
@@ -397,40 +477,81 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     )
 
 
+def build_loaders(args: argparse.Namespace, t: argparse.Namespace, table: Table, folds: np.ndarray, fold: int,
+                  test: Table, device: torch.device,
+                  caches: tuple[ImageCache | None, ImageCache | None] = (None, None)) -> argparse.Namespace:
+    """The fold's loaders: ``train`` (shuffled by ``sampler``, sharded under DDP), ``val``, and ``test()`` (made when
+    called, once the fold is trained). Training and validation workers live as long as the fold."""
+    rank, world = rank_world()
+    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    paths, targets = np.asarray(table.paths), table.targets
+    train_cache, test_cache = caches
+    train_ds = ImageDataset(paths[train_idx], targets[train_idx], t.train_transform, t.img_size, train_cache,
+                            train_idx)
+    val_ds = ImageDataset(paths[val_idx], targets[val_idx], t.eval_transform, t.img_size, train_cache, val_idx)
+    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1), num_replicas=world, rank=rank)
+    return argparse.Namespace(
+        sampler=sampler,
+        train=_loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
+                      persistent=True),
+        val=_loader(val_ds, args.eval_batch_size, args.num_workers, device, persistent=True),
+        test=lambda: _loader(ImageDataset(test.paths, None, t.eval_transform, t.img_size, test_cache),
+                             args.eval_batch_size, args.num_workers, device),
+    )
+
+
+def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The module the steps run: ``model`` compiled (``--compile``) and wrapped in DDP under torchrun.
+
+    Checkpoints always hold ``model``'s own state dict, so they load with or without either wrapper.
+    """
+    net = torch.compile(model) if args.compile else model
+    if rank_world()[1] > 1:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
 def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndarray, test: Table,
-               run_dir: Path, device: torch.device) -> None:
-    """Train (or resume) one fold, then write its validation and test predictions and its done.json."""
+               run_dir: Path, device: torch.device, on_epoch=None,
+               caches: tuple[ImageCache | None, ImageCache | None] = (None, None)) -> None:
+    """Train (or resume) one fold, then write its validation and test predictions and its done.json.
+
+    ``on_epoch(fold, row)``, when given, is called after each epoch is saved with that epoch's metrics row (a
+    hyperparameter search prunes a trial by raising from it). ``caches``: from :func:`build_caches`. Under DDP
+    every process trains on its shard and evaluates its share; rank 0 alone writes.
+    """
     fold_dir = run_dir / f"fold_{fold}"
     done_path = fold_dir / "done.json"
     if done_path.exists():
         _logger.info("fold %d: already finished, skipped", fold)
         return
-    try:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WriteError(e.errno, f"cannot write {fold_dir}: {e.strerror}") from None
+    rank, world = rank_world()
+    main_process = rank == 0
+    if main_process:
+        try:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(e.errno, f"cannot write {fold_dir}: {e.strerror}") from None
 
     num_classes = len(table.class_names)
     train_idx = np.flatnonzero(folds != fold)
     val_idx = np.flatnonzero(folds == fold)
 
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
-    paths, targets = np.asarray(table.paths), table.targets
+    targets = table.targets
     resuming = (fold_dir / "last.pth").exists() or (fold_dir / "best.pth").exists()
-    t = build_training(args, num_classes, len(train_idx), device, load_pretrained=not resuming)
+    t = build_training(args, num_classes, -(-len(train_idx) // world), device, load_pretrained=not resuming)
     model, optimizer, scheduler, scaler, early = t.model, t.optimizer, t.scheduler, t.scaler, t.early
     amp_dtype, img_size, norm = t.amp_dtype, t.img_size, t.norm
-    train_ds = ImageDataset(paths[train_idx], targets[train_idx], t.train_transform, img_size)
-    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1))
-    train_loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True)
-    val_loader = _loader(ImageDataset(paths[val_idx], targets[val_idx], t.eval_transform, img_size),
-                         args.batch_size * 2, args.num_workers, device)
-    criterion, mixup_fn, updates_per_epoch, eval_tf = t.criterion, t.mixup_fn, t.updates_per_epoch, t.eval_transform
+    loaders = build_loaders(args, t, table, folds, fold, test, device, caches)
+    train_loader, val_loader, sampler = loaders.train, loaders.val, loaders.sampler
+    criterion, mixup_fn, updates_per_epoch = t.criterion, t.mixup_fn, t.updates_per_epoch
 
     start_epoch, updates, history = 0, 0, []
     last_path, best_path = fold_dir / "last.pth", fold_dir / "best.pth"
-    for stale in fold_dir.glob(".*.tmp"):  # a write that a crash cut short; the file it was replacing is intact
-        stale.unlink()
+    if main_process:
+        for stale in fold_dir.glob(".*.tmp"):  # a write that a crash cut short; the file it was replacing is intact
+            stale.unlink()
     ckpt, source = _resumable_checkpoint(fold_dir)
     if ckpt is not None:
         try:
@@ -445,59 +566,69 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
         early.load_state_dict(ckpt["early_stopping"])
         set_rng_state(ckpt["rng"])
         start_epoch, updates, history = ckpt["epoch"] + 1, ckpt["updates"], ckpt["history"]
-        if source == "last.pth" and early.best_epoch == ckpt["epoch"] and not (
+        if main_process and source == "last.pth" and early.best_epoch == ckpt["epoch"] and not (
                 best_path.exists() and os.path.samefile(best_path, last_path)):
             _link_or_copy(last_path, best_path)  # the best epoch was the last one, and its link was cut short
         _logger.info("fold %d: resumed after epoch %d (%d updates, best %s %.4f at epoch %d)", fold,
                      ckpt["epoch"] + 1, updates, args.monitor, early.best, early.best_epoch + 1)
-        _write_metrics(history, fold_dir)
+        if main_process:
+            _write_metrics(history, fold_dir)
+    net = wrap_model(model, args, device)
 
-    writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch)
-    _logger.info("fold %d: %d train / %d val images, %s (%.1fM parameters), %d updates per epoch, precision %s%s",
+    writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch) \
+        if main_process else None
+    _logger.info("fold %d: %d train / %d val images, %s (%.1fM parameters), %d updates per epoch, precision %s%s%s%s",
                  fold, len(train_idx), len(val_idx), args.model, count_parameters(model) / 1e6, updates_per_epoch,
                  "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1],
-                 ", channels_last" if args.channels_last else "")
+                 ", channels_last" if args.channels_last else "", ", compiled" if args.compile else "",
+                 f", {world} processes" if world > 1 else "")
     try:
         for epoch in range(start_epoch, args.max_epochs):
             if early.should_stop:
                 break
             epoch_start = time.perf_counter()
-            seed_everything(derive_seed(args.seed, fold, epoch), args.deterministic)
+            # Each process draws its own dropout and mixup; a single process keeps the seeds it always had.
+            seed_everything(derive_seed(args.seed, fold, epoch, *([rank] if world > 1 else [])), args.deterministic)
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
+            stats = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
                                     args.channels_last, args.accumulation_steps, mixup_fn, args.clip_grad,
                                     desc=f"fold {fold} epoch {epoch}")
             updates += stats.pop("updates")
-            metrics, _ = evaluate(model, val_loader, device, amp_dtype, args.channels_last)
-            improved = early.step(metrics[args.monitor], epoch)
+            metrics, _ = evaluate(net, val_loader, device, amp_dtype, args.channels_last)
+            improved = early.step(metrics[args.monitor], epoch)  # the same on every process: metrics are gathered
             row = {"epoch": epoch, "updates": updates, "lr": optimizer.param_groups[0]["lr"], **stats, **metrics,
                    "epoch_time": time.perf_counter() - epoch_start, "peak_rss_mb": peak_rss_mb()}
             history.append(row)
-            state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "early_stopping": early.state_dict(), "rng": get_rng_state(),
-                     "history": history, "fold": fold, "model_name": args.model, "num_classes": num_classes,
-                     "class_names": table.class_names, "img_size": list(img_size), "data_config": norm,
-                     "args": plain_args(args)}
-            # Killed between these two, best.pth lags behind last.pth's early-stopping state; resume repairs it.
-            save_checkpoint(state, last_path)
-            if improved:
-                _link_or_copy(last_path, best_path)
-            _write_metrics(history, fold_dir)
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
-                                      value, epoch)
-            writer.flush()
+            if main_process:
+                state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "early_stopping": early.state_dict(), "rng": get_rng_state(),
+                         "history": history, "fold": fold, "model_name": args.model, "num_classes": num_classes,
+                         "class_names": table.class_names, "img_size": list(img_size), "data_config": norm,
+                         "args": plain_args(args)}
+                # Killed between these two, best.pth lags behind last.pth's early-stopping state; resume repairs it.
+                save_checkpoint(state, last_path)
+                if improved:
+                    _link_or_copy(last_path, best_path)
+                _write_metrics(history, fold_dir)
+                for key, value in row.items():
+                    if key != "epoch":
+                        writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
+                                          value, epoch)
+                writer.flush()
             _logger.info("fold %d epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f lr %.2e "
                          "%.0f img/s, peak RSS %.0f MiB%s", fold, epoch + 1, args.max_epochs, row["train_loss"],
                          row["val_loss"], row["val_acc"], row["val_f1"], row["lr"], row["images_per_sec"],
                          row["peak_rss_mb"], " *" if improved else "")
+            if on_epoch is not None:
+                on_epoch(fold, row)
             if early.should_stop:
                 _logger.info("fold %d: early stop, no %s improvement for %d epochs", fold, args.monitor,
                              args.patience)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    barrier()  # rank 0's last checkpoint is on disk before any process reads the best one
 
     # Predictions come from the best epoch's weights.
     if not best_path.exists():  # no epoch ever improved (a diverged fold): predict with the last one
@@ -508,20 +639,21 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     except Exception as e:  # damaged after training: say which file, rather than a traceback
         raise DataError(f"{best_path}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
                         "this fold") from None
-    _, val_probs = evaluate(model, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof")
-    test_loader = _loader(ImageDataset(test.paths, None, eval_tf, img_size), args.batch_size * 2, args.num_workers,
-                          device)
-    test_logits, _ = inference.predict_logits(model, test_loader, device, amp_dtype, args.channels_last,
+    _, val_probs = evaluate(net, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof")
+    test_logits, _ = inference.predict_logits(net, loaders.test(), device, amp_dtype, args.channels_last,
                                               desc=f"fold {fold} test", fault="test_step")
-    for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", torch.softmax(test_logits, 1).numpy())):
-        with atomic_write(fold_dir / name, "wb") as f:
-            np.save(f, arr.astype(np.float32))
-    best_row = history[best["epoch"]] if best["epoch"] < len(history) else {}
-    done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
-            "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
-    write_json(done, done_path)
-    faults.point("fold_done")
-    _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])
+    test_logits = _gather(test_logits, len(test.paths), device)
+    if main_process:
+        for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", torch.softmax(test_logits, 1).numpy())):
+            with atomic_write(fold_dir / name, "wb") as f:
+                np.save(f, arr.astype(np.float32))
+        best_row = history[best["epoch"]] if best["epoch"] < len(history) else {}
+        done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
+                "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
+        write_json(done, done_path)
+        faults.point("fold_done")
+        _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])
+    barrier()  # done.json exists before any process moves on
 
 
 def _write_metrics(history: list[dict], fold_dir: Path) -> None:
@@ -551,10 +683,11 @@ def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None
     device = resolve_device(args.device)
     resolve_amp(args.amp, device)
     fold_ids = requested_folds(args)
-    smallest = min(int((folds != f).sum()) for f in fold_ids)
+    world = rank_world()[1]
+    smallest = min(-(-int((folds != f).sum()) // world) for f in fold_ids)  # per process under torchrun
     if smallest < args.batch_size:
         raise DataError(f"--batch_size {args.batch_size} is larger than the smallest training split "
-                        f"({smallest} images); lower it or use fewer folds")
+                        f"({smallest} images{' per process' if world > 1 else ''}); lower it or use fewer folds")
     if not any((Path(args.save_dir) / f"fold_{f}").exists() for f in fold_ids):
         create_model(args.model, len(table.class_names), pretrained=args.pretrained,
                      pretrained_path=args.pretrained_path, drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
@@ -570,23 +703,32 @@ def check_test_rows(args: argparse.Namespace, test: Table) -> None:
                             f"{len(saved)} rows); predict other data with inference.py")
 
 
-def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray) -> dict:
-    """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission."""
+def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, on_epoch=None) -> dict | None:
+    """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission.
+
+    ``on_epoch``: see :func:`train_fold`. Under torchrun every process trains; rank 0 returns the summary, the
+    others None.
+    """
     run_dir = Path(args.save_dir)
     device = resolve_device(args.device)
     if device.type == "cuda" and not args.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     folds_path = run_dir / "folds.csv"
-    if not folds_path.exists():
-        write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}), folds_path)
-    if not (run_dir / "test_rows.csv").exists():
-        write_csv(pd.DataFrame({"image_path": test.rel_paths}), run_dir / "test_rows.csv")
+    if is_main_process():
+        if not folds_path.exists():
+            write_csv(pd.DataFrame({"image_path": table.rel_paths, "target": table.targets, "fold": folds}),
+                      folds_path)
+        if not (run_dir / "test_rows.csv").exists():
+            write_csv(pd.DataFrame({"image_path": test.rel_paths}), run_dir / "test_rows.csv")
     fold_ids = requested_folds(args)
     if all((run_dir / f"fold_{fold}" / "done.json").exists() for fold in fold_ids):
         _logger.info("%s: already finished, nothing to train; its outputs are rewritten from the folds", run_dir)
+    caches = build_caches(args, table, test)
     for fold in fold_ids:
-        train_fold(args, fold, table, folds, test, run_dir, device)
-    return finalize(run_dir, table, test, folds)
+        train_fold(args, fold, table, folds, test, run_dir, device, on_epoch, caches)
+    summary = finalize(run_dir, table, test, folds) if is_main_process() else None
+    barrier()
+    return summary
 
 
 def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dict:

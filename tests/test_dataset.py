@@ -19,6 +19,7 @@ import dataset
 from augmentation import create_transform
 from dataset import (
     DataError,
+    ImageCache,
     ImageDataset,
     SeededSampler,
     check_images,
@@ -526,3 +527,61 @@ def test_loader_batches_do_not_depend_on_workers(train_ds):
     sampler.set_epoch(2)
     direct = torch.stack([train_ds[item][0] for item in list(sampler)[:8]])
     assert torch.equal(direct, serial[0][0])
+
+
+# ----------------------------------------------------------------------------------------------- decoded cache
+def _cached(train_ds, cache):
+    return ImageDataset(train_ds.paths, train_ds.targets, train_ds.transform, (32, 32), cache)
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_cached_samples_equal_decoded_ones(train_ds, mode, tmp_path):
+    cache = ImageCache(train_ds.paths, (32, 32), mode, 2**20, tmp_path)
+    cached = _cached(train_ds, cache)
+    for item in [(0, 7), (5, 1234), (15, 3)]:
+        first = cached[item][0]  # decoded, fitted, stored
+        assert cache.get(item[0]) is not None
+        assert torch.equal(first, train_ds[item][0]) and torch.equal(cached[item][0], first)  # then from the cache
+    fitted = cache.get(0)
+    assert fitted.shape == (32, 32, 3) and fitted.dtype == np.uint8
+    assert cache.get(1) is None  # never asked for
+
+
+def test_cache_is_bounded(train_ds, tmp_path):
+    for mode in ("ram", "disk"):
+        cache = ImageCache(train_ds.paths, (32, 32), mode, 5 * 32 * 32 * 3 + 100, tmp_path)
+        assert cache.capacity == 5 and cache.nbytes == 5 * 3072
+        ds = _cached(train_ds, cache)
+        for i in range(len(ds)):
+            ds[i]
+        assert [cache.get(i) is not None for i in range(len(ds))] == [True] * 5 + [False] * 11
+    assert len(list((tmp_path / "32x32").rglob("*.npy"))) == 5
+    assert ImageCache(train_ds.paths, (32, 32), "ram", 0).capacity == 0
+
+
+def test_ram_cache_is_shared_by_forked_workers(train_ds):
+    cache = ImageCache(train_ds.paths, (32, 32), "ram", 2**20)
+    sampler = SeededSampler(len(train_ds), seed=3)
+    loader = DataLoader(_cached(train_ds, cache), batch_size=4, sampler=sampler, num_workers=2)
+    batches = torch.cat([images for images, _ in loader])
+    assert all(cache.get(i) is not None for i in range(len(train_ds)))  # filled by the workers, seen here
+    assert torch.equal(batches, torch.stack([train_ds[item][0] for item in sampler]))
+
+
+def test_disk_cache_is_keyed_by_file_and_survives_damage(tmp_path):
+    src = BUNDLED / "train" / pd.read_csv(BUNDLED / "train.csv")["image_path"].iloc[0]
+    path = tmp_path / "sketch.png"
+    shutil.copyfile(src, path)
+    transform = create_transform((32, 32), False)
+    cache = ImageCache([path], (32, 32), "disk", 2**20, tmp_path / "cache")
+    ds = ImageDataset([path], None, transform, (32, 32), cache)
+    before = ds[0][0]
+    (entry,) = (tmp_path / "cache" / "32x32").rglob("*.npy")
+    entry.write_bytes(entry.read_bytes()[:50])  # cut short: decoded again and rewritten
+    assert cache.get(0) is None and torch.equal(ds[0][0], before) and cache.get(0) is not None
+    Image.new("RGB", (40, 40), "white").save(path)  # the image changed: a new key, not the old pixels
+    assert cache.get(0) is None
+    assert not torch.equal(ds[0][0], before)
+    assert len(list((tmp_path / "cache" / "32x32").rglob("*.npy"))) == 2
+    other = ImageCache([path], (48, 48), "disk", 2**20, tmp_path / "cache")  # another size: another folder
+    assert other.get(0) is None and other.dir.name == "48x48"

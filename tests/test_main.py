@@ -345,3 +345,68 @@ def test_inference_refuses_a_foreign_checkpoint(kfold_run, tmp_path):
                    "--output", tmp_path / "x.csv", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("inference.py: error: ")
     assert "not a checkpoint of this suite" in proc.stderr and not (tmp_path / "x.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------------- cache, processes
+OUTPUTS = ("submission.csv", "oof.csv", "test_probs.csv", "oof_probs.npy")
+
+
+def test_cache_modes_give_identical_runs(tiny_data, tmp_path):
+    common = [*data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2", "--deterministic",
+              "--num_workers", "2", "--output_dir", tmp_path / "out"]
+    runs = {}
+    for mode in ("none", "ram", "disk"):
+        proc = run_cli("main.py", *common, "--cache", mode, "--cache_dir", tmp_path / "cache",
+                       "--save_dir", tmp_path / mode)
+        runs[mode] = {name: (tmp_path / mode / name).read_bytes() for name in OUTPUTS}
+        assert ("image cache" in proc.stderr) == (mode != "none")
+    assert runs["ram"] == runs["none"] and runs["disk"] == runs["none"]
+    assert len(list((tmp_path / "cache" / "32x32").rglob("*.npy"))) == 48 + 10  # every training and test image
+    # The cache changes no result, so a resumed run may switch it.
+    proc = run_cli("main.py", "--save_dir", tmp_path / "ram", "--resume_training", "--cache", "none",
+                   "--output_dir", tmp_path / "out")
+    assert "already finished" in proc.stderr
+
+
+def _torchrun(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """main.py in 2 processes on the CPU (gloo), as ``torchrun --standalone --nproc_per_node 2 main.py`` runs it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "main.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+    return proc
+
+
+def test_torchrun_two_processes_end_to_end_and_exact_resume(tiny_data, tmp_path):
+    common = [*data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "3", "--batch_size", "4",
+              "--deterministic", "--mixup", "0.2", "--accumulation_steps", "2", "--drop_rate", "0.3",
+              "--output_dir", tmp_path / "out"]
+    whole = tmp_path / "whole"
+    proc = _torchrun(*common, "--save_dir", whole)
+    assert proc.stdout.count("OOF accuracy:") == 1  # rank 0 alone reports
+    args = json.loads((whole / "args.json").read_text())
+    assert args["world_size"] == 2
+    oof = pd.read_csv(whole / "oof.csv")
+    assert len(oof) == 48 and sorted(oof["image_path"]) == sorted(pd.read_csv(tiny_data / "train.csv")["image_path"])
+    assert len(pd.read_csv(whole / "submission.csv")) == 10
+    log = (whole / "train.log").read_text()
+    assert log.count("fold 0 epoch 1/3") == 1 and "2 processes" in log  # rank 0's log only
+    for fold in (0, 1):
+        metrics = pd.read_csv(whole / f"fold_{fold}" / "metrics.csv")
+        # 24 images a fold, 12 per process, batches of 4: 3 batches, 2 updates an epoch.
+        assert metrics["updates"].tolist() == [2, 4, 6]
+        probs = np.load(whole / f"fold_{fold}" / "val_probs.npy")
+        assert probs.shape == (24, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert not list(whole.rglob(".*.tmp"))
+
+    # Killed in both processes in fold 0's second epoch (step 5 of 3 a epoch), then resumed with torchrun.
+    killed = tmp_path / "killed"
+    proc = _torchrun(*common, "--save_dir", killed, env={"SKETCH_FAULT": "train_step:5"}, check=False)
+    assert proc.returncode != 0 and not (killed / "fold_0" / "done.json").exists()
+    assert (killed / "fold_0" / "last.pth").exists()
+    proc = _torchrun("--save_dir", killed, "--resume_training", "--output_dir", tmp_path / "out")
+    assert "resumed after epoch 1" in proc.stderr
+    for name in OUTPUTS:
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name

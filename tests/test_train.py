@@ -210,6 +210,7 @@ CHECKED_ELSEWHERE = {
     "sample_submission", "skip_bad_images",
     "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
     "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
+    "cache", "cache_dir", "cache_gb", "eval_batch_size", "compile",  # test_loader_flags_reach_the_loaders below
 }
 
 
@@ -243,3 +244,52 @@ def test_pretrained_flags_reach_create_model(tmp_path):
     assert t.model.get_classifier().out_features == 5
     with pytest.raises(ModelError, match="pass --pretrained_path FILE"):
         _build("--model", "resnet18", "--pretrained")
+
+
+# ----------------------------------------------------------------------------------------------- loaders, cache
+def _fold_loaders(data, *argv):
+    from conftest import FAST, data_args
+
+    from dataset import read_test_table, read_train_table
+
+    args = main_module.resolve_args(main_module.get_args_parser(),
+                                    [*FAST, *data_args(data), "--save_dir", "/nonexistent/run", *argv])
+    table = read_train_table(args.train_csv, args.train_dir, check=False)
+    test = read_test_table(args.test_csv, args.test_dir, check=False)
+    folds = train.make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
+    t = train.build_training(args, len(table.class_names), 40, torch.device("cpu"))
+    caches = train.build_caches(args, table, test)
+    return args, t, caches, train.build_loaders(args, t, table, folds, 0, test, torch.device("cpu"), caches)
+
+
+def test_loader_flags_reach_the_loaders(tiny_data, tmp_path):
+    args, t, caches, loaders = _fold_loaders(tiny_data, "--num_workers", "2", "--eval_batch_size", "5", "--cache",
+                                             "disk", "--cache_dir", str(tmp_path), "--cache_gb", str(50 * 3072 / 2**30))
+    assert (loaders.train.batch_size, loaders.val.batch_size, loaders.test().batch_size) == (8, 5, 5)
+    assert loaders.train.num_workers == loaders.val.num_workers == 2
+    assert loaders.train.persistent_workers and loaders.val.persistent_workers  # kept between epochs
+    train_cache, test_cache = caches
+    assert train_cache.mode == "disk" and train_cache.dir == tmp_path / "32x32"
+    assert (train_cache.capacity, test_cache.capacity) == (48, 2)  # 50 images fit: training first
+    assert loaders.train.dataset.cache is train_cache and loaders.val.dataset.cache is train_cache
+    assert loaders.test().dataset.cache is test_cache
+    next(iter(loaders.val))
+    assert len(list(tmp_path.rglob("*.npy"))) >= 5  # a batch, and what the workers prefetched
+    args, _, caches, loaders = _fold_loaders(tiny_data, "--cache", "none")
+    assert caches == (None, None) and loaders.val.dataset.cache is None and args.eval_batch_size == 16
+    _, _, (ram, _), _ = _fold_loaders(tiny_data)
+    assert ram.mode == "ram" and ram.capacity == 48  # the default
+    _, t, _, _ = _fold_loaders(tiny_data, "--compile")
+    assert isinstance(train.wrap_model(t.model, argparse.Namespace(compile=True), torch.device("cpu")),
+                      torch._dynamo.eval_frame.OptimizedModule)
+    assert train.wrap_model(t.model, argparse.Namespace(compile=False), torch.device("cpu")) is t.model
+
+
+def test_fused_optimizer_on_cuda_only():
+    model = _tiny_net()
+    for name in train.OPTIMIZERS:
+        opt = train.create_optimizer(name, model, 1e-3, 0.01, torch.device("cpu"))
+        assert not opt.defaults.get("fused")
+    if torch.cuda.is_available():
+        opt = train.create_optimizer("adamw", model.cuda(), 1e-3, 0.01, torch.device("cuda"))
+        assert opt.defaults["fused"]
