@@ -10,20 +10,21 @@ random weights, it measures images per second for three loops:
 
 * ceiling: optimizer steps (or forward passes) on one batch of tensors already in memory, in the suite's precision
   (``train.resolve_amp``), memory format and optimizer (``train.build_training``): the best the model can do;
-* suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``train._loader`` and the
-  training augmentation, built as ``train.train_fold`` builds them (inference: ``inference.predict_logits`` with
-  the eval transform at twice the batch size);
+* suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``train._loader``, the
+  decoded-image cache (``--cache``, main.py's default) and the training augmentation, built as ``train.train_fold``
+  builds them (inference: ``inference.predict_logits`` with the eval transform at main.py's ``--eval_batch_size``,
+  twice the batch, over the test images' own cache, which the folds after the first reuse);
 * reference: the usual competition baseline: fp32, NCHW, ``cv2.imread`` + ``cv2.cvtColor`` of the full image,
   albumentations ``Resize + Normalize + ToTensorV2``, a standard ``DataLoader(shuffle=True)`` with as many workers,
   ``torch.optim.AdamW`` and ``F.cross_entropy`` (inference: the same data under ``torch.no_grad``).
 
-Each loop runs ``--epochs`` passes over ``--images`` images; epoch 1 (worker start-up, kernel selection) is shown
-apart from the throughput of epochs 2..N (images over seconds, summed), which the ratios use. The training images
-are 150 px JPEGs; ``--upscale N`` first writes copies of the chosen images enlarged to N px on their longest side
-into a temporary folder, since competition images are larger and their decoding costs more. Peak memory is the
-process's maximum resident set so far (``getrusage``; it only grows, so a row includes the loops measured before
-it: train ceiling, train suite, inference ceiling, inference suite, train reference, inference reference), and on a
-GPU the CUDA allocator's peak of each loop.
+Each loop runs ``--epochs`` passes over ``--images`` images; epoch 1 (worker start-up, kernel selection, filling the
+cache) is shown apart from the throughput of epochs 2..N (images over seconds, summed), which the ratios use. The
+training images are 150 px JPEGs; ``--upscale N`` first writes copies of the chosen images enlarged to N px on their
+longest side into a temporary folder, since competition images are larger and their decoding costs more. Peak memory
+is the process's maximum resident set so far (``getrusage``; it only grows, so a row includes the loops measured
+before it: train ceiling, train suite, inference ceiling, inference suite, train reference, inference reference),
+and on a GPU the CUDA allocator's peak of each loop.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import main as suite_main  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
-from dataset import DataError, ImageDataset, SeededSampler, Table, read_train_table  # noqa: E402
+from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table, read_train_table  # noqa: E402
 from inference import predict_logits  # noqa: E402
 from model import ModelError, create_model  # noqa: E402
 from seed import derive_seed, seed_everything  # noqa: E402
-from train import _loader, autocast, build_training, resolve_device, train_one_epoch  # noqa: E402
+from train import _loader, autocast, build_training, resolve_device, train_one_epoch, wrap_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tuberlin40"
 LOOPS = ("ceiling", "suite", "reference")
@@ -166,6 +167,7 @@ def train_ceiling(args, num_classes: int, paths: list[str], device: torch.device
     """Suite training steps (precision, memory format, optimizer, loss, scaler) on one batch held on the device."""
     seed_everything(args.seed)
     t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
+    net = wrap_model(t.model, args, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = _memory_batch(paths, t.eval_transform, t.img_size, args.batch_size)
     images = images.to(device, memory_format=memory_format)
@@ -178,7 +180,7 @@ def train_ceiling(args, num_classes: int, paths: list[str], device: torch.device
         start = time.perf_counter()
         for _ in range(steps):
             with autocast(device, t.amp_dtype):
-                loss = t.criterion(t.model(images), targets)
+                loss = t.criterion(net(images), targets)
             t.scaler.scale(loss).backward()
             t.scaler.step(t.optimizer)
             t.scaler.update()
@@ -197,9 +199,11 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
     fold = 0
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
     t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
-    train_ds = ImageDataset(paths, targets, t.train_transform, t.img_size)
+    t.net = wrap_model(t.model, args, device)
+    train_ds = ImageDataset(paths, targets, t.train_transform, t.img_size, _cache(args, paths))
     sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1))
-    loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True)
+    loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
+                     persistent=True)
     result = Result()
     _start(device)
     for epoch in range(epochs):
@@ -207,7 +211,7 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         train_one_epoch(
-            t.model,
+            t.net,
             loader,
             t.criterion,
             t.optimizer,
@@ -223,6 +227,14 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
         )
         result.add(len(loader) * args.batch_size, time.perf_counter() - start)
     return _finish(result, device), t
+
+
+def _cache(args, paths: list[str]) -> ImageCache | None:
+    """A cache of ``paths`` as ``train.build_caches`` makes it for ``--cache`` (None for ``none``)."""
+    if args.cache == "none":
+        return None
+    return ImageCache(paths, (args.resize_height, args.resize_width), args.cache, int(args.cache_gb * 2**30),
+                      args.cache_dir)
 
 
 def train_reference(
@@ -259,7 +271,7 @@ def train_reference(
 # ----------------------------------------------------------------------------------------------- inference loops
 def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
     """Forward passes of the suite's model in its precision and memory format on one batch held on the device."""
-    batch = args.batch_size * 2
+    batch = args.eval_batch_size
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = _memory_batch(paths, t.eval_transform, t.img_size, batch).to(device, memory_format=memory_format)
     steps = max(1, len(paths) // batch)
@@ -271,22 +283,23 @@ def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) 
             start = time.perf_counter()
             for _ in range(steps):
                 with autocast(device, t.amp_dtype):
-                    t.model(images)
+                    t.net(images)
             _sync(device)
             result.add(steps * batch, time.perf_counter() - start)
     return _finish(result, device)
 
 
 def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
-    """``inference.predict_logits`` with the eval transform and the suite's loader at twice the batch size."""
+    """``inference.predict_logits`` with the eval transform, its own cache and the suite's loader."""
     loader = _loader(
-        ImageDataset(paths, None, t.eval_transform, t.img_size), args.batch_size * 2, args.num_workers, device
+        ImageDataset(paths, None, t.eval_transform, t.img_size, _cache(args, paths)), args.eval_batch_size,
+        args.num_workers, device
     )
     result = Result()
     _start(device)
     for _ in range(epochs):
         start = time.perf_counter()
-        logits, _ = predict_logits(t.model, loader, device, t.amp_dtype, args.channels_last, desc="suite predict")
+        logits, _ = predict_logits(t.net, loader, device, t.amp_dtype, args.channels_last, desc="suite predict")
         result.add(len(logits), time.perf_counter() - start)
     return _finish(result, device)
 
@@ -297,7 +310,7 @@ def infer_reference(
     """The baseline's prediction: fp32 NCHW forward under ``torch.no_grad`` with its own loader."""
     loader = DataLoader(
         ReferenceDataset(paths, targets, args.resize_height),
-        batch_size=args.batch_size * 2,
+        batch_size=args.eval_batch_size,
         shuffle=False,
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
@@ -356,6 +369,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"loader processes of the suite and the reference (default: main.py's, here {defaults.num_workers})",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--cache", default=defaults.cache, choices=["none", "ram", "disk"],
+                        help=f"the suite's decoded-image cache (default: main.py's, {defaults.cache})")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="inference batch of all three loops (default: main.py's, twice --batch_size)")
+    parser.add_argument("--compile", action="store_true", help="the suite's --compile (default: off)")
     parser.add_argument(
         "--upscale",
         type=int,
@@ -406,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--save_dir",
                 str(Path(tmp) / "run"),
                 "--skip_image_check",
+                "--cache",
+                opts.cache,
+                "--cache_dir",
+                str(Path(tmp) / "cache"),
+                *(["--eval_batch_size", str(opts.eval_batch_size)] if opts.eval_batch_size else []),
+                *(["--compile"] if opts.compile else []),
             ],
         )
         try:
@@ -436,8 +460,8 @@ def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray,
     epochs = opts.epochs
     print(
         f"model {args.model} (random weights), {args.resize_height}x{args.resize_width} px, batch {args.batch_size}"
-        f" (inference {args.batch_size * 2}), {len(paths)} images ({source}), {epochs} epoch(s), "
-        f"{args.num_workers} loader worker(s)",
+        f" (inference {args.eval_batch_size}), {len(paths)} images ({source}), {epochs} epoch(s), "
+        f"{args.num_workers} loader worker(s), suite cache {args.cache}",
         flush=True,
     )
     cpu = f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average "
