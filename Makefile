@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install browser clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,13 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
-test: lint
+# The demo page's browser test drives Debian's Chromium (installed here when missing and apt-get is at hand).
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "no /usr/bin/chromium: the demo page's browser test will be skipped"; }
+
+test: lint browser
 	$(PY) -m pytest -q
 
 clean:

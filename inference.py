@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import faults
@@ -28,22 +29,76 @@ from fileio import WriteError, write_csv
 _logger = logging.getLogger(__name__)
 
 
+TTA_MODES: dict[str, tuple[str, ...]] = {
+    # name -> views averaged in probability space ("scale:S" zooms by S around the centre, padding with paper)
+    "none": ("id",),
+    "flip": ("id", "hflip"),
+    "scales": ("id", "scale:0.9", "scale:1.1"),
+    "flip_scales": ("id", "hflip", "scale:0.9", "scale:1.1", "hflip|scale:0.9", "hflip|scale:1.1"),
+}
+
+
+def _view(images: torch.Tensor, view: str, fill: torch.Tensor) -> torch.Tensor:
+    """One test-time view of a normalized batch; ``fill`` is white paper in normalized units, per channel."""
+    for op in view.split("|"):
+        if op == "hflip":
+            images = images.flip(-1)
+        elif op.startswith("scale:"):
+            s = float(op[6:])
+            h, w = images.shape[-2:]
+            zoomed = F.interpolate(images, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                                   align_corners=False, antialias=s < 1)
+            zh, zw = zoomed.shape[-2:]
+            if s < 1:  # shrunk: centre it on a white page
+                page = fill.view(1, -1, 1, 1).to(images).expand_as(images).clone()
+                top, left = (h - zh) // 2, (w - zw) // 2
+                page[..., top : top + zh, left : left + zw] = zoomed
+                images = page
+            else:  # enlarged: the centre crop
+                top, left = (zh - h) // 2, (zw - w) // 2
+                images = zoomed[..., top : top + h, left : left + w]
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
 @torch.inference_mode()
 def predict_logits(model, loader, device, amp_dtype=None, channels_last=False, desc="predict",
-                   fault="predict_step"):
-    """Logits (float32, on the CPU) and targets for every sample of ``loader``; ``fault`` names its crash point."""
+                   fault="predict_step", tta: str = "none", fill: torch.Tensor | None = None):
+    """Logits (float32, on the CPU) and targets for every sample of ``loader``; ``fault`` names its crash point.
+
+    With ``tta`` other than none, the "logits" are the log of the views' mean probabilities (softmax of them gives
+    the mean; cross entropy on them is the loss of the averaged prediction); ``fill`` is the normalized white.
+    """
     from train import autocast  # the one place precision is decided
 
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    views = TTA_MODES[tta]
+    if fill is None:
+        fill = torch.zeros(3)
     outputs, targets = [], []
     for images, target in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast(device, amp_dtype):
-            outputs.append(model(images).float().cpu())
+        if len(views) == 1:
+            with autocast(device, amp_dtype):
+                outputs.append(model(images).float().cpu())
+        else:
+            probs = 0
+            for view in views:
+                x = images if view == "id" else _view(images, view, fill)
+                if not channels_last:
+                    x = x.contiguous()
+                with autocast(device, amp_dtype):
+                    probs = probs + torch.softmax(model(x).float(), 1)
+            outputs.append(torch.log(probs / len(views)).cpu())
         targets.append(torch.as_tensor(target))
         faults.point(fault)
     return torch.cat(outputs), torch.cat(targets)
+
+
+def paper_fill(data_config: dict) -> torch.Tensor:
+    """White paper (255) after the eval transform's normalization, per channel."""
+    mean, std = torch.tensor(data_config["mean"]), torch.tensor(data_config["std"])
+    return (1.0 - mean) / std
 
 
 def write_submission(probs: np.ndarray, image_paths: list[str], path: str | Path) -> pd.DataFrame:
@@ -84,20 +139,39 @@ def accuracy(truth: np.ndarray | None, submission: pd.DataFrame) -> float | None
     return None if truth is None else float((truth == submission["target"].to_numpy()).mean())
 
 
-def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_workers: int, device: torch.device,
-                        amp: str, channels_last: bool = True) -> np.ndarray:
-    """Mean softmax probabilities over ``checkpoints`` for the test Table ``test``."""
+def run_checkpoints(save_dir: Path) -> list[list[Path]]:
+    """The checkpoints each finished fold of a run predicted with, fold by fold: its snapshot files with
+    ``--snapshots`` K > 1, else best.pth (last.pth for a fold that never improved, as train.train_fold does)."""
+    groups = []
+    for done in sorted(Path(save_dir).glob("fold_*/done.json")):
+        fold_dir = done.parent
+        info = json.loads(done.read_text())
+        snapshots = [fold_dir / f"snapshot_{e:03d}.pth" for e in info.get("snapshots", [])]
+        if snapshots:
+            groups.append(snapshots)
+        else:
+            groups.append([fold_dir / "best.pth" if (fold_dir / "best.pth").exists() else fold_dir / "last.pth"])
+    return groups
+
+
+def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_size: int, num_workers: int,
+                        device: torch.device, amp: str, channels_last: bool = True, tta: str = "none") -> np.ndarray:
+    """Mean softmax probabilities over ``checkpoints`` for the test Table ``test`` (groups of checkpoints, as from
+    :func:`run_checkpoints`: averaged within each group, then over the groups)."""
+    groups = [c if isinstance(c, list) else [c] for c in checkpoints]
+    weights = [1 / (len(groups) * len(g)) for g in groups for _ in g]
+    checkpoints = [c for g in groups for c in g]
     from augmentation import create_transform
     from dataset import DataError, ImageDataset
     from model import create_model
-    from train import _loader, load_checkpoint, resolve_amp
+    from train import _loader, load_checkpoint, prediction_state, resolve_amp
 
     total = None
-    for path in checkpoints:
+    for path, weight in zip(checkpoints, weights, strict=True):
         try:
             ckpt = load_checkpoint(path)
             model = create_model(ckpt["model_name"], ckpt["num_classes"])
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(prediction_state(ckpt))
         except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
             raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
@@ -109,11 +183,11 @@ def predict_checkpoints(checkpoints: list[Path], test, batch_size: int, num_work
         transform = create_transform(img_size, False, **ckpt["data_config"])
         loader = _loader(ImageDataset(test.paths, None, transform, img_size), batch_size, num_workers, device)
         logits, _ = predict_logits(model, loader, device, resolve_amp(amp, device, model), channels_last,
-                                   desc=path.parent.name)
+                                   desc=path.parent.name, tta=tta, fill=paper_fill(ckpt["data_config"]))
         probs = torch.softmax(logits, 1).numpy()
-        total = probs if total is None else total + probs
+        total = probs * weight if total is None else total + probs * weight
         _logger.info("%s: predicted %d test images", path, len(probs))
-    return total / len(checkpoints)
+    return total
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -134,6 +208,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "none"),
                         help="precision (default: the run's)")
+    parser.add_argument("--tta", default=None, choices=sorted(TTA_MODES),
+                        help="test-time augmentation (default: the run's --tta)")
     return parser
 
 
@@ -154,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--checkpoint {args.checkpoint}: file not found")
         checkpoints = [args.checkpoint]
     else:
-        # A fold that never improved predicted with its last epoch (see train.train_fold); so does this.
-        checkpoints = sorted(p.parent / "best.pth" if (p.parent / "best.pth").exists() else p.parent / "last.pth"
-                             for p in args.save_dir.glob("fold_*/done.json"))
+        checkpoints = run_checkpoints(args.save_dir)  # what each fold predicted with, as the run did
         if not checkpoints:
             parser.error(f"--save_dir {args.save_dir}: no finished fold (fold_*/done.json) to predict with")
     test_dir = args.test_dir or run_args["test_dir"]
@@ -171,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         probs = predict_checkpoints(checkpoints, test, args.batch_size,
                                     run_args["num_workers"] if args.num_workers is None else args.num_workers,
                                     resolve_device(args.device), args.amp or run_args["amp"],
-                                    run_args.get("channels_last", True))
+                                    run_args.get("channels_last", True), args.tta or run_args.get("tta", "none"))
         write_probs(probs, test.rel_paths, output.with_name(output.stem + "_probs.csv"))
         submission = write_submission(probs, test.rel_paths, output)
         score = accuracy(truth, submission)
@@ -179,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     except WriteError as e:
         sys.exit(f"{parser.prog}: error: {e.strerror}")
-    print(f"submission: {output} ({len(submission)} rows, {len(checkpoints)} checkpoint(s))")
+    count = sum(len(c) if isinstance(c, list) else 1 for c in checkpoints)
+    print(f"submission: {output} ({len(submission)} rows, {count} checkpoint(s))")
     if score is not None:
         print(f"test accuracy: {score:.4f} ({args.test_solution})")
     return 0

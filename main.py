@@ -5,6 +5,7 @@
         --model eva02_large --pretrained --resize_height 448 --resize_width 448 --batch_size 8 \\
         --accumulation_steps 8 --learning_rate 2e-5 --max_epochs 10 --kfold 5 --save_dir runs/eva02
     python main.py --save_dir runs/eva02 --resume_training      # continue exactly where it stopped
+    python main.py --config runs/tune/best.yaml --max_epochs 20  # flag values from a YAML file (config.py)
 
 A run folder gets the resolved arguments, the folds, per-fold checkpoints and logs, out-of-fold predictions and
 submission.csv (see train.py); a copy of the submission lands in --output_dir for `python ensemble_csv.py
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
 RUNS = Path("runs")
 # Flags holding paths (saved as text in args.json).
-PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
+PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir", "config",
               "test_solution", "sample_submission")
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
@@ -40,6 +41,7 @@ RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold",
 
 def get_args_parser() -> argparse.ArgumentParser:
     from dataset import CACHE_MODES
+    from inference import TTA_MODES
     from train import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,14 +122,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--monitor", default="val_acc", choices=sorted(MONITORS),
                        help="validation metric for early stopping and the best checkpoint (default: val_acc)")
 
+    more = parser.add_argument_group("more from each model")
+    more.add_argument("--ema_decay", type=float, default=0.0,
+                      help="keep an exponential moving average of the weights with this decay (e.g. 0.999), "
+                           "validated each epoch beside the model; an epoch predicts with the better of the two "
+                           "(default: 0, off)")
+    more.add_argument("--tta", default="none", choices=sorted(TTA_MODES),
+                      help="test-time augmentation of OOF and test predictions, averaged in probability space: "
+                           "flip, scales (0.9x and 1.1x zoom) or both (default: none)")
+    more.add_argument("--snapshots", type=int, default=1,
+                      help="predict with the mean of the best K epochs' weights of each fold, a snapshot ensemble "
+                           "(default: 1, the best epoch alone)")
+
     split = parser.add_argument_group("folds")
     split.add_argument("--kfold", type=int, default=5,
                        help="stratified folds; 1 = one hold-out split of --val_ratio (default: 5)")
     split.add_argument("--fold", type=int, default=None, help="train this fold alone (default: all of them)")
     split.add_argument("--val_ratio", type=float, default=0.2, help="hold-out share with --kfold 1 (default: 0.2)")
+    split.add_argument("--group_duplicates", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep exact and near-duplicate images (also mirrored, see dedup.py) inside one fold, so "
+                            "that no copy of a validation image is trained on; duplicates across classes are listed "
+                            "(default: on)")
     split.add_argument("--seed", type=int, default=42, help="seed of folds, weights and augmentation (default: 42)")
 
     runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--config", type=Path, default=None,
+                         help="YAML file of flag values (learning_rate: 3.0e-4, aug: strong, ...; see config.py): "
+                              "they replace the defaults, and flags on the command line override them (default: none)")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     runtime.add_argument("--amp", default="auto", choices=AMP_MODES,
                          help="mixed precision: auto = bf16 where native (fp16 + scaler on older GPUs), fp32 on "
@@ -168,6 +189,15 @@ def _explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
 
 def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill the defaults that depend on other flags, restore a resumed run's arguments, check combinations."""
+    from config import ConfigError, load_config
+
+    # --config FILE first: its values become the defaults, so that the flags given beside it override them.
+    config = parser.parse_known_args(argv)[0].config
+    if config is not None:
+        try:
+            parser.set_defaults(**load_config(config, parser))
+        except ConfigError as e:
+            parser.error(str(e))
     args = parser.parse_args(argv)
     if args.resume_training:
         args = _restore_run_args(parser, args, argv)
@@ -218,8 +248,8 @@ def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) 
 
 def _check_args(parser, args: argparse.Namespace) -> None:
     """Refuse values and combinations that cannot train, or would train wrongly, naming the flag."""
-    for flag in ("batch_size", "eval_batch_size", "accumulation_steps", "max_epochs", "resize_height", "resize_width",
-                 "kfold"):
+    for flag in ("batch_size", "eval_batch_size", "snapshots", "accumulation_steps", "max_epochs", "resize_height",
+                 "resize_width", "kfold"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs",
@@ -230,7 +260,7 @@ def _check_args(parser, args: argparse.Namespace) -> None:
         parser.error("--learning_rate must be positive")
     if args.min_lr > args.learning_rate:
         parser.error(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
-    for flag in ("smoothing", "mixup_prob", "drop_rate"):
+    for flag in ("smoothing", "mixup_prob", "drop_rate", "ema_decay"):
         if not 0 <= getattr(args, flag) <= 1:
             parser.error(f"--{flag} must be between 0 and 1, got {getattr(args, flag)}")
     if args.fold is not None and not 0 <= args.fold < args.kfold:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import timm.optim
+import timm.utils
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,8 +48,10 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import dedup
 import faults
 import inference
+import plots
 from augmentation import create_transform
 from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table
 from fileio import WriteError, atomic_write, write_csv, write_json
@@ -223,14 +226,17 @@ class EarlyStopping:
         self.bad_epochs = 0
         self.should_stop = False
 
+    def is_better(self, value: float, than: float | None) -> bool:
+        """Whether ``value`` beats ``than`` (None: nothing yet) by more than ``min_delta`` (NaN never does)."""
+        if math.isnan(value):
+            return False
+        if than is None or math.isnan(than):
+            return True
+        return value > than + self.min_delta if self.mode == "max" else value < than - self.min_delta
+
     def step(self, value: float, epoch: int) -> bool:
         """Record ``value`` for ``epoch``; return True if it is a new best."""
-        if math.isnan(value):  # a diverged epoch is never the best
-            better = False
-        else:
-            better = self.best is None or (
-                value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
-            )
+        better = self.is_better(value, self.best)  # a diverged (NaN) epoch is never the best
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -320,6 +326,26 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def prediction_state(ckpt: dict) -> dict:
+    """The weights a checkpoint predicts with: the EMA's where they validated better that epoch, else the model's."""
+    return ckpt["ema"] if ckpt.get("predict_with") == "ema" else ckpt["model"]
+
+
+def _model_meta(args: argparse.Namespace, table: Table, img_size, norm: dict) -> dict:
+    """What a checkpoint needs to be rebuilt and used for prediction without the run's arguments."""
+    return {"model_name": args.model, "num_classes": len(table.class_names), "class_names": table.class_names,
+            "img_size": list(img_size), "data_config": norm}
+
+
+def snapshot_epochs(history: list[dict], k: int, mode: str) -> set[int]:
+    """The epochs of the ``k`` best scores so far (ties: the earlier epoch); none unless ``k`` > 1."""
+    if k <= 1:
+        return set()
+    scored = [r for r in history if not math.isnan(r["score"])]
+    ranked = sorted(scored, key=lambda r: (-r["score"] if mode == "max" else r["score"], r["epoch"]))
+    return {r["epoch"] for r in ranked[:k]}
+
+
 def plain_args(args: argparse.Namespace) -> dict:
     """The arguments as JSON- and weights_only-safe values (paths as strings)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -356,8 +382,10 @@ def make_folds(targets: np.ndarray, kfold: int, val_ratio: float, seed: int) -> 
 
 # ----------------------------------------------------------------------------------------------- one epoch
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, amp_dtype, channels_last,
-                    accumulation_steps, mixup_fn=None, clip_grad=None, desc="train") -> dict:
-    """One pass over ``loader``; returns the mean loss, images/s and number of optimizer updates."""
+                    accumulation_steps, mixup_fn=None, clip_grad=None, desc="train", on_update=None) -> dict:
+    """One pass over ``loader``; returns the mean loss, images/s and number of optimizer updates.
+
+    ``on_update(n)`` runs after the epoch's n-th optimizer update (the weight EMA's step)."""
     model.train()
     batch_size = loader.batch_size
     plan = accumulation_plan([batch_size] * len(loader), accumulation_steps)
@@ -387,6 +415,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             updates += 1
+            if on_update is not None:
+                on_update(updates)
         total_loss += loss.detach().float() * images.size(0)  # summed on the device: no sync per step
         seen += images.size(0)
         if step % 20 == 0:
@@ -399,10 +429,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     return {"train_loss": total_loss / max(seen, 1), "images_per_sec": seen / elapsed, "updates": updates}
 
 
-def evaluate(model, loader, device, amp_dtype, channels_last, desc="val") -> tuple[dict, np.ndarray]:
+def evaluate(model, loader, device, amp_dtype, channels_last, desc="val", tta="none",
+             fill=None) -> tuple[dict, np.ndarray]:
     """Validation loss, accuracy and macro F1; also the probabilities (N, C). Under DDP every process gets all."""
     logits, targets = inference.predict_logits(model, loader, device, amp_dtype, channels_last, desc=desc,
-                                               fault="val_step")
+                                               fault="val_step", tta=tta, fill=fill)
     logits = _gather(logits, len(loader.dataset), device)
     targets = _gather(targets, len(loader.dataset), device)
     loss = F.cross_entropy(logits, targets).item()
@@ -466,8 +497,11 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     if args.mixup > 0 or args.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                          label_smoothing=0.0, num_classes=num_classes)
+    # timm's EMA with warmup (the decay grows towards --ema_decay over the first updates), on the same device.
+    ema = timm.utils.ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema_decay > 0 else None
     return argparse.Namespace(
-        model=model, amp_dtype=amp_dtype, img_size=img_size, norm=norm, optimizer=optimizer, scheduler=scheduler,
+        model=model, ema=ema, amp_dtype=amp_dtype, img_size=img_size, norm=norm, optimizer=optimizer,
+        scheduler=scheduler,
         updates_per_epoch=updates_per_epoch, mixup_fn=mixup_fn,
         train_transform=create_transform(img_size, True, args.aug, **norm),
         eval_transform=create_transform(img_size, False, **norm),
@@ -541,7 +575,7 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     targets = table.targets
     resuming = (fold_dir / "last.pth").exists() or (fold_dir / "best.pth").exists()
     t = build_training(args, num_classes, -(-len(train_idx) // world), device, load_pretrained=not resuming)
-    model, optimizer, scheduler, scaler, early = t.model, t.optimizer, t.scheduler, t.scaler, t.early
+    model, optimizer, scheduler, scaler, early, ema = t.model, t.optimizer, t.scheduler, t.scaler, t.early, t.ema
     amp_dtype, img_size, norm = t.amp_dtype, t.img_size, t.norm
     loaders = build_loaders(args, t, table, folds, fold, test, device, caches)
     train_loader, val_loader, sampler = loaders.train, loaders.val, loaders.sampler
@@ -561,6 +595,8 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
             raise DataError(f"{fold_dir}: its checkpoint does not fit --model {args.model} with {num_classes} "
                             f"classes ({str(e).splitlines()[0][:160]})") from None
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         if scaler.is_enabled() and ckpt["scaler"]:  # fp16 here and there; another device may not scale at all
             scaler.load_state_dict(ckpt["scaler"])
         early.load_state_dict(ckpt["early_stopping"])
@@ -590,29 +626,47 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
             # Each process draws its own dropout and mixup; a single process keeps the seeds it always had.
             seed_everything(derive_seed(args.seed, fold, epoch, *([rank] if world > 1 else [])), args.deterministic)
             sampler.set_epoch(epoch)
+            # The EMA's warmup counts optimizer updates over the whole fold.
+            ema_step = None if ema is None else lambda n, base=updates: ema.update(model, step=base + n)
             stats = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
                                     args.channels_last, args.accumulation_steps, mixup_fn, args.clip_grad,
-                                    desc=f"fold {fold} epoch {epoch}")
+                                    desc=f"fold {fold} epoch {epoch}", on_update=ema_step)
             updates += stats.pop("updates")
             metrics, _ = evaluate(net, val_loader, device, amp_dtype, args.channels_last)
-            improved = early.step(metrics[args.monitor], epoch)  # the same on every process: metrics are gathered
+            score, predict_with = metrics[args.monitor], "model"
+            if ema is not None:  # the averaged weights are validated too; the better of the two is this epoch's
+                ema_metrics, _ = evaluate(ema.module, val_loader, device, amp_dtype, args.channels_last, "val ema")
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+                if early.is_better(ema_metrics[args.monitor], score):
+                    score, predict_with = ema_metrics[args.monitor], "ema"
+            improved = early.step(score, epoch)  # the same on every process: metrics are gathered
             row = {"epoch": epoch, "updates": updates, "lr": optimizer.param_groups[0]["lr"], **stats, **metrics,
-                   "epoch_time": time.perf_counter() - epoch_start, "peak_rss_mb": peak_rss_mb()}
+                   "score": score, "predict_with": predict_with, "epoch_time": time.perf_counter() - epoch_start,
+                   "peak_rss_mb": peak_rss_mb()}
             history.append(row)
             if main_process:
+                keep = snapshot_epochs(history, args.snapshots, MONITORS[args.monitor])
+                if epoch in keep:  # before last.pth: a kill in between replays this epoch and rewrites it
+                    weights = (model if predict_with == "model" else ema.module).state_dict()
+                    save_checkpoint({"epoch": epoch, "score": score, "model": weights,
+                                     **_model_meta(args, table, img_size, norm)},
+                                    fold_dir / f"snapshot_{epoch:03d}.pth")
                 state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),
+                         "ema": None if ema is None else ema.module.state_dict(), "predict_with": predict_with,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "early_stopping": early.state_dict(), "rng": get_rng_state(),
-                         "history": history, "fold": fold, "model_name": args.model, "num_classes": num_classes,
-                         "class_names": table.class_names, "img_size": list(img_size), "data_config": norm,
+                         "history": history, "fold": fold, **_model_meta(args, table, img_size, norm),
                          "args": plain_args(args)}
                 # Killed between these two, best.pth lags behind last.pth's early-stopping state; resume repairs it.
                 save_checkpoint(state, last_path)
                 if improved:
                     _link_or_copy(last_path, best_path)
+                for old in fold_dir.glob("snapshot_*.pth"):  # fallen out of the top --snapshots epochs
+                    if int(old.stem[9:]) not in keep:
+                        old.unlink()
                 _write_metrics(history, fold_dir)
                 for key, value in row.items():
-                    if key != "epoch":
+                    if key != "epoch" and isinstance(value, int | float):
                         writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
                                           value, epoch)
                 writer.flush()
@@ -633,22 +687,33 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     # Predictions come from the best epoch's weights.
     if not best_path.exists():  # no epoch ever improved (a diverged fold): predict with the last one
         best_path = last_path
-    try:
-        best = load_checkpoint(best_path)
-        model.load_state_dict(best["model"])
-    except Exception as e:  # damaged after training: say which file, rather than a traceback
-        raise DataError(f"{best_path}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
-                        "this fold") from None
-    _, val_probs = evaluate(net, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof")
-    test_logits, _ = inference.predict_logits(net, loaders.test(), device, amp_dtype, args.channels_last,
-                                              desc=f"fold {fold} test", fault="test_step")
-    test_logits = _gather(test_logits, len(test.paths), device)
+    sources = [best_path]
+    if args.snapshots > 1:  # a snapshot ensemble: the top epochs' weights, predictions averaged
+        sources = [fold_dir / f"snapshot_{e:03d}.pth"
+                   for e in sorted(snapshot_epochs(history, args.snapshots, MONITORS[args.monitor]))]
+    fill = inference.paper_fill(norm)
+    val_probs, test_probs = 0, 0
+    for source in sources:
+        try:
+            ckpt = load_checkpoint(source)
+            model.load_state_dict(prediction_state(ckpt))
+        except Exception as e:  # damaged after training: say which file, rather than a traceback
+            raise DataError(f"{source}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
+                            "this fold") from None
+        _, probs = evaluate(net, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof",
+                            tta=args.tta, fill=fill)
+        val_probs = val_probs + probs / len(sources)
+        logits, _ = inference.predict_logits(net, loaders.test(), device, amp_dtype, args.channels_last,
+                                             desc=f"fold {fold} test", fault="test_step", tta=args.tta, fill=fill)
+        test_probs = test_probs + torch.softmax(_gather(logits, len(test.paths), device), 1).numpy() / len(sources)
+    best = load_checkpoint(best_path) if len(sources) > 1 else ckpt
     if main_process:
-        for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", torch.softmax(test_logits, 1).numpy())):
+        for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", test_probs)):
             with atomic_write(fold_dir / name, "wb") as f:
                 np.save(f, arr.astype(np.float32))
         best_row = history[best["epoch"]] if best["epoch"] < len(history) else {}
         done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
+                "snapshots": [int(p.stem[9:]) for p in sources if p.name.startswith("snapshot_")],
                 "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
         write_json(done, done_path)
         faults.point("fold_done")
@@ -665,7 +730,13 @@ def load_or_make_folds(args: argparse.Namespace, table: Table) -> np.ndarray:
     """The run's saved folds (checked against the data), or new ones; writes nothing."""
     folds_path = Path(args.save_dir) / "folds.csv"
     if not folds_path.exists():
-        return make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
+        if not args.group_duplicates:
+            return make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
+        groups = dedup.duplicate_groups(table.paths, workers=args.num_workers or None)
+        for members in dedup.cross_class_duplicates(groups, table.targets):
+            _logger.warning("duplicates across classes: %s", ", ".join(
+                f"{table.rel_paths[i]} ({table.class_names[table.targets[i]]})" for i in members))
+        return dedup.make_group_folds(table.targets, groups, args.kfold, args.seed, args.val_ratio)
     saved = pd.read_csv(folds_path, dtype={"image_path": str})
     if saved["image_path"].tolist() != table.rel_paths or saved["target"].tolist() != table.targets.tolist():
         raise DataError(f"{folds_path}: the training data changed since this run started")
@@ -760,6 +831,10 @@ def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dic
     summary = {"oof_acc": oof_acc, "oof_images": len(idx), "folds_done": done, "fold_val_acc": per_fold,
                "class_names": table.class_names, "submission": str(run_dir / "submission.csv")}
     write_json(summary, run_dir / "summary.json")
+    try:
+        plots.write_run_plots(run_dir)
+    except (plots.RunFileError, WriteError) as e:  # plots are a by-product: never fail a finished run over them
+        _logger.warning("plots not written: %s", e)
     _logger.info("OOF accuracy %.4f over %d images from fold(s) %s", oof_acc, len(idx), done)
     summary["submission_df"] = submission
     return summary

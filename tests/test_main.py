@@ -410,3 +410,71 @@ def test_torchrun_two_processes_end_to_end_and_exact_resume(tiny_data, tmp_path)
     assert "resumed after epoch 1" in proc.stderr
     for name in OUTPUTS:
         assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------------------- more from each model
+def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
+    import train
+    from augmentation import create_transform
+    from dataset import ImageDataset
+    from model import create_model
+
+    run = tmp_path / "run"
+    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "4", "--ema_decay", "0.8",
+            "--tta", "flip", "--snapshots", "2", "--save_dir", run, "--output_dir", tmp_path / "out")
+    metrics = pd.read_csv(run / "fold_0" / "metrics.csv")
+    assert {"ema_val_acc", "ema_val_loss", "ema_val_f1", "score", "predict_with"} <= set(metrics.columns)
+    for r in metrics.itertuples():  # each epoch scores and predicts with the better of the model and its EMA
+        assert r.score == max(r.val_acc, r.ema_val_acc)
+        assert r.predict_with == ("ema" if r.ema_val_acc > r.val_acc else "model")
+    top = sorted(metrics.sort_values(["score", "epoch"], ascending=[False, True])["epoch"][:2])
+    assert sorted(int(p.stem[9:]) for p in (run / "fold_0").glob("snapshot_*.pth")) == top
+    assert json.loads((run / "fold_0" / "done.json").read_text())["snapshots"] == top
+
+    # The fold's OOF probabilities, recomputed independently: the snapshots' mean of (image, mirror) softmax.
+    folds = pd.read_csv(run / "folds.csv")
+    rows = folds[folds["fold"] == 0]
+    ckpts = [train.load_checkpoint(run / "fold_0" / f"snapshot_{e:03d}.pth") for e in top]
+    size = tuple(ckpts[0]["img_size"])
+    ds = ImageDataset([str(tiny_data / "train" / p) for p in rows["image_path"]], None,
+                      create_transform(size, False, **ckpts[0]["data_config"]), size)
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).contiguous(memory_format=torch.channels_last)
+    views, plain, cpu = [], [], torch.device("cpu")
+    for ckpt in ckpts:
+        model = create_model(ckpt["model_name"], ckpt["num_classes"]).to(memory_format=torch.channels_last).eval()
+        model.load_state_dict(ckpt["model"])
+        with torch.inference_mode(), train.autocast(cpu, train.resolve_amp("auto", cpu)):
+            a, b = torch.softmax(model(x).float(), 1), torch.softmax(model(x.flip(-1)).float(), 1)
+        views.append(((a + b) / 2).numpy())
+        plain.append(a.numpy())
+    val_probs = np.load(run / "fold_0" / "val_probs.npy")
+    np.testing.assert_allclose(val_probs, np.mean(views, 0), atol=2e-3)
+    assert not np.allclose(val_probs, plain[0], atol=2e-3)  # neither the plain view nor one snapshot would pass
+
+    # inference.py predicts the test set as the run did: the same snapshots, weights and TTA.
+    run_cli("inference.py", "--save_dir", run)
+    ours = pd.read_csv(run / "inference_probs.csv").filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(ours, pd.read_csv(run / "test_probs.csv").filter(like="prob_").to_numpy(), atol=1e-5)
+
+
+def test_duplicates_stay_in_one_fold(tiny_data, tmp_path):
+    from planted import plant_duplicates, row_of
+
+    data = tmp_path / "data"
+    plants = [p for p in plant_duplicates(tiny_data, data) if p.copy_split == "train"]
+    train_csv = pd.read_csv(data / "train.csv")
+    for seed in (1, 2):
+        run = tmp_path / f"run{seed}"
+        proc = run_cli("main.py", *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", str(seed),
+                       "--save_dir", run, "--output_dir", tmp_path / "out")
+        folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
+        for p in plants:
+            assert folds[row_of(train_csv, p.source)] == folds[row_of(train_csv, p.copy)], p
+        assert "duplicates across classes: bicycle/copy_of_crown.JPEG" in proc.stderr or \
+            "copy_of_crown.JPEG (bicycle)" in proc.stderr
+        counts = pd.crosstab(train_csv["target"], folds)
+        assert (counts > 0).all().all()  # still stratified: every class in every fold
+    plain = tmp_path / "plain"
+    run_cli("main.py", *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", "1",
+            "--no-group_duplicates", "--save_dir", plain, "--output_dir", tmp_path / "out")
+    assert json.loads((plain / "args.json").read_text())["group_duplicates"] is False

@@ -198,6 +198,7 @@ FLAG_CHECKS = {
                  lambda t: (t.early.patience, t.early.mode) == (7, "min")),
     "amp": (["--amp", "none"], lambda t: t.amp_dtype is None and not t.scaler.is_enabled()),
     "channels_last": (["--no-channels_last"], lambda t: all(p.is_contiguous() for p in t.model.parameters())),
+    "ema_decay": (["--ema_decay", "0.99"], lambda t: t.ema is not None and t.ema.decay == 0.99),
 }
 FLAG_CHECKS["accumulation_steps"] = FLAG_CHECKS["batch_size"]
 FLAG_CHECKS["resize_width"] = FLAG_CHECKS["resize_height"]
@@ -211,6 +212,8 @@ CHECKED_ELSEWHERE = {
     "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
     "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
     "cache", "cache_dir", "cache_gb", "eval_batch_size", "compile",  # test_loader_flags_reach_the_loaders below
+    "tta", "snapshots", "group_duplicates",  # test_main.py, end to end
+    "config",  # test_config.py
 }
 
 
@@ -293,3 +296,16 @@ def test_fused_optimizer_on_cuda_only():
     if torch.cuda.is_available():
         opt = train.create_optimizer("adamw", model.cuda(), 1e-3, 0.01, torch.device("cuda"))
         assert opt.defaults["fused"]
+
+
+def test_no_ema_by_default_and_snapshot_ranking():
+    assert _build().ema is None
+    history = [{"epoch": e, "score": v} for e, v in enumerate([0.5, 0.7, float("nan"), 0.7, 0.6])]
+    assert train.snapshot_epochs(history, 1, "max") == set()
+    assert train.snapshot_epochs(history, 2, "max") == {1, 3}
+    assert train.snapshot_epochs(history, 3, "max") == {1, 3, 4}
+    assert train.snapshot_epochs(history, 2, "min") == {0, 4}
+    assert train.snapshot_epochs(history, 9, "max") == {0, 1, 3, 4}  # a diverged epoch is never kept
+    assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "ema"}) == 2
+    assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "model"}) == 1
+    assert train.prediction_state({"model": 1}) == 1
