@@ -449,10 +449,17 @@ class SeededSampler(Sampler):
     """Shuffles indices each epoch and pairs each with its own augmentation seed, all from (seed, epoch).
 
     Like DistributedSampler, call :meth:`set_epoch` before each epoch; ``num_replicas``/``rank`` shard the order.
+    ``pool``: the indices an epoch is drawn from, repeats allowed (oversampling small classes), instead of
+    ``range(num_samples)``; ``weights``: draw ``num_samples`` indices with replacement in proportion to these
+    instead (a class-balanced sampler). An index drawn again in the same epoch gets a new augmentation seed.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+                 pool: Sequence[int] | None = None, weights: Sequence[float] | None = None):
+        self.pool = None if pool is None else torch.as_tensor(np.asarray(pool), dtype=torch.long)
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.double)
+        self.num_samples = len(self.pool) if self.pool is not None else num_samples
+        self.seed, self.shuffle = seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
@@ -464,15 +471,96 @@ class SeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch_seed = derive_seed(self.seed, self.epoch)
-        if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        generator = torch.Generator().manual_seed(epoch_seed)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+        elif self.shuffle:
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        if self.pool is not None:
+            order = self.pool[order].tolist()
+        seen: dict[int, int] = {}
+        seeds = []
+        for i in order:  # the first draw of an index keeps the seed it has without repeats
+            k = seen.get(i, 0)
+            seen[i] = k + 1
+            seeds.append(derive_seed(epoch_seed, i) if k == 0 else derive_seed(epoch_seed, i, k))
         total = len(self) * self.num_replicas
         while len(order) < total:  # pad (repeating the order if it is shorter than the padding) so every
-            order += order[: total - len(order)]  # replica gets as many
-        for i in order[self.rank :: self.num_replicas]:
-            yield i, derive_seed(epoch_seed, i)
+            seeds += seeds[: total - len(order)]  # replica gets as many; padding repeats items, seeds included
+            order += order[: total - len(order)]
+        yield from zip(order[self.rank :: self.num_replicas], seeds[self.rank :: self.num_replicas], strict=True)
+
+
+def balance_plan(targets: np.ndarray, mode: str) -> dict:
+    """SeededSampler arguments for ``--balance``: ``oversample`` repeats each class's images up to the largest
+    class's count (whole repeats first, then the first ones again), ``sampler`` weights images by 1 / class size."""
+    targets = np.asarray(targets)
+    counts = np.bincount(targets)
+    if mode == "none":
+        return {}
+    if mode == "sampler":
+        return {"weights": 1.0 / counts[targets]}
+    if mode == "oversample":
+        top = counts.max()
+        pool = []
+        for c in np.flatnonzero(counts):
+            members = np.flatnonzero(targets == c)
+            pool.append(np.resize(members, top))  # np.resize repeats the members cyclically
+        return {"pool": np.sort(np.concatenate(pool), kind="stable")}
+    raise ValueError(f"unknown balance mode {mode!r}")
+
+
+def read_relabel(csv_path: str | os.PathLike, table: Table) -> Table:
+    """``table`` with the targets of a relabel file (image_path,target: image_path as in train.csv) replaced."""
+    df = _read_csv(csv_path, ["image_path", "target"], ["image_path", "target", "class_name"])
+    rows = {p: i for i, p in enumerate(table.rel_paths)}
+    problems = []
+    unknown = ~df["image_path"].astype(str).isin(rows)
+    if unknown.any():
+        problems.append(f"{_lines(unknown.to_numpy())}: image_path not in the training data")
+    target = pd.to_numeric(df["target"], errors="coerce")
+    bad = target.isna() | (target != target.round()) | (target < 0) | (target >= len(table.class_names))
+    if bad.any():
+        problems.append(f"{_lines(bad.to_numpy())}: target is not a class index 0..{len(table.class_names) - 1}")
+    if df["image_path"].duplicated().any():
+        problems.append(f"{_lines(df['image_path'].duplicated().to_numpy())}: image_path relabelled twice")
+    if problems:
+        _fail(str(csv_path), problems)
+    targets = table.targets.copy()
+    for path, t in zip(df["image_path"].astype(str), target.astype(int), strict=True):
+        targets[rows[path]] = t
+    changed = int((targets != table.targets).sum())
+    _logger.info("%s: %d of %d training images relabelled", csv_path, changed, len(targets))
+    return Table(table.paths, table.rel_paths, targets, table.class_names, table.source)
+
+
+def read_pseudo_labels(source: str | os.PathLike, test: Table, threshold: float, class_names: list[str]) -> Table:
+    """The test images a previous run predicted with probability >= ``threshold``, labelled with its prediction.
+
+    ``source``: that run's folder (its test_probs.csv) or a probability file ID,image_path,prob_0.. for these test
+    rows (from inference.py or ensemble_csv.py). Returns a Table of those images (they join every fold's training
+    split, never a validation split).
+    """
+    path = Path(source) / "test_probs.csv" if Path(source).is_dir() else Path(source)
+    try:
+        df = pd.read_csv(path, dtype={"image_path": str}, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--pseudo_labels {path}: not a readable CSV ({str(e).splitlines()[0][:120]})") from None
+    prob_cols = [c for c in df.columns if c.startswith("prob_")]
+    if "image_path" not in df.columns or not prob_cols:
+        raise DataError(f"--pseudo_labels {path}: needs columns image_path and prob_0..; found {list(df.columns)}")
+    if len(prob_cols) != len(class_names):
+        raise DataError(f"--pseudo_labels {path}: {len(prob_cols)} classes, the training data has {len(class_names)}")
+    if df["image_path"].tolist() != test.rel_paths:
+        raise DataError(f"--pseudo_labels {path}: its rows are not this test set's ({len(df)} vs "
+                        f"{len(test.rel_paths)} rows); predict these test images first")
+    probs = df[prob_cols].to_numpy(dtype=np.float64)
+    keep = np.flatnonzero(probs.max(1) >= threshold)
+    _logger.info("pseudo-labels: %d of %d test images at probability >= %g (%s)", len(keep), len(df), threshold, path)
+    return Table([test.paths[i] for i in keep], [test.rel_paths[i] for i in keep], probs[keep].argmax(1),
+                 list(class_names), str(path))
 
 
 def write_subset(src: Path, dst: Path, classes: int, per_class: int, test_images: int) -> Path:

@@ -32,7 +32,7 @@ BUNDLED = HERE / "data" / "tuberlin10"
 RUNS = Path("runs")
 # Flags holding paths (saved as text in args.json).
 PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir", "config",
-              "test_solution", "sample_submission")
+              "test_solution", "sample_submission", "relabel_csv", "pseudo_labels")
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
                        "test_solution", "skip_image_check", "sample_submission", "cache", "cache_dir", "cache_gb",
@@ -68,6 +68,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0 = off (default: 0)")
     data.add_argument("--mixup_prob", type=float, default=1.0,
                       help="probability of mixing a batch when mixup or cutmix is on (default: 1.0)")
+    data.add_argument("--balance", default="none", choices=["none", "oversample", "sampler"],
+                      help="class balance of training epochs: oversample repeats each class's images up to the "
+                           "largest class's count; sampler draws images with replacement weighted by 1 / class size "
+                           "(default: none)")
+    data.add_argument("--relabel_csv", type=Path, default=None,
+                      help="image_path,target CSV of corrected training labels (image_path as in --train_csv), "
+                           "applied before the folds are made (default: none)")
+    data.add_argument("--pseudo_labels", type=Path, default=None,
+                      help="a previous run's folder (its test_probs.csv) or a probability CSV of these test rows: "
+                           "test images it predicts with probability >= --pseudo_threshold join every fold's "
+                           "training split with that label (default: none)")
+    data.add_argument("--pseudo_threshold", type=float, default=0.9,
+                      help="confidence a test image needs to be pseudo-labelled (default: 0.9)")
     data.add_argument("--num_workers", type=int, default=default_workers(),
                       help="data loader processes (default: the number of usable cores, at most 8)")
     data.add_argument("--cache", default="ram", choices=CACHE_MODES,
@@ -273,7 +286,9 @@ def _check_args(parser, args: argparse.Namespace) -> None:
         parser.error("give --pretrained (hub) or --pretrained_path FILE, not both")
     if args.skip_bad_images and args.skip_image_check:
         parser.error("--skip_bad_images needs the image check that --skip_image_check turns off")
-    for flag in ("test_solution", "sample_submission"):
+    if not 0 < args.pseudo_threshold <= 1:
+        parser.error(f"--pseudo_threshold must be in (0, 1], got {args.pseudo_threshold}")
+    for flag in ("test_solution", "sample_submission", "relabel_csv"):
         if getattr(args, flag) is not None and not getattr(args, flag).is_file():
             parser.error(f"--{flag} {getattr(args, flag)}: file not found")
     if args.pretrained_path is not None and not args.resume_training and not args.pretrained_path.is_file():
@@ -333,7 +348,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import inference
     import train
-    from dataset import DataError, check_sample_submission, read_folder_table, read_test_table, read_train_table
+    from dataset import (
+        DataError,
+        check_sample_submission,
+        read_folder_table,
+        read_pseudo_labels,
+        read_relabel,
+        read_test_table,
+        read_train_table,
+    )
     from fileio import WriteError, atomic_write, write_json
     from model import ModelError, resolve_model_name
 
@@ -347,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             table = read_folder_table(args.train_dir, check, args.skip_bad_images)
         else:
             table = read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
+        if args.relabel_csv is not None:
+            table = read_relabel(args.relabel_csv, table)
         test = read_test_table(args.test_csv, args.test_dir, check)
+        pseudo = None
+        if args.pseudo_labels is not None:
+            pseudo = read_pseudo_labels(args.pseudo_labels, test, args.pseudo_threshold, table.class_names)
         if args.sample_submission is not None:
             check_sample_submission(args.sample_submission, test)
         truth = None if args.test_solution is None else inference.read_solution(args.test_solution, test.rel_paths)
@@ -367,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("%s run %s: %d training images, %d classes, %d test images%s",
                      "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
                      len(table.class_names), len(test.paths), f", {world} processes" if world > 1 else "")
-        summary = train.run(args, table, test, folds)
+        if pseudo is not None:
+            logging.info("pseudo-labels: %d of %d test images predicted with probability >= %g by %s join every "
+                         "fold's training split", len(pseudo.paths), len(test.paths), args.pseudo_threshold,
+                         pseudo.source)
+        summary = train.run(args, table, test, folds, pseudo=pseudo)
         if not main_process:
             return 0
         copy = args.output_dir / f"{args.save_dir.name}.csv"

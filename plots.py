@@ -264,6 +264,11 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, class_names: Sequence
                    path: str | os.PathLike) -> Path:
     """The full normalised confusion matrix for up to FULL_MATRIX_MAX classes; beyond, the most confused classes'
     sub-matrix and a bar chart of the top confused pairs."""
+    return save_figure(confusion_figure(targets, preds, class_names), path)
+
+
+def confusion_figure(targets: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """The figure of :func:`plot_confusion` (also drawn into TensorBoard by the trainer)."""
     n = len(class_names)
     cm = confusion_counts(targets, preds, n)
     rows = cm.sum(1)
@@ -275,7 +280,7 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, class_names: Sequence
         image = _matrix(ax, cm, list(range(n)), class_names, rows, annotate_share=n <= ANNOTATE_SHARE_MAX)
         fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
         ax.set_title(f"OOF confusion matrix: {n} classes, {int(cm.sum())} images, accuracy {acc:.4f}", fontsize=10)
-        return save_figure(fig, path)
+        return fig
 
     classes = most_confused_classes(cm, TOP_CONFUSED_CLASSES)
     pairs = confused_pairs(cm).head(TOP_PAIRS)
@@ -287,7 +292,7 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, class_names: Sequence
         for ax in (ax_m, ax_b):
             ax.axis("off")
             ax.text(0.5, 0.5, "no misclassified image", ha="center", va="center", transform=ax.transAxes)
-        return save_figure(fig, path)
+        return fig
     image = _matrix(ax_m, cm, classes, class_names, rows, annotate_share=False)
     fig.colorbar(image, ax=ax_m, shrink=0.7, label="share of the true class")
     ax_m.set_title(f"the {len(classes)} most confused classes (counts; colour: share of the true class)",
@@ -305,7 +310,7 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, class_names: Sequence
     ax_b.set_xlabel("images (share of the true class)")
     ax_b.set_title(f"top {len(pairs)} confused pairs (true \u2192 predicted)", fontsize=10)
     ax_b.grid(axis="x", alpha=0.3)
-    return save_figure(fig, path)
+    return fig
 
 
 def _accuracy_bars(ax, table: pd.DataFrame, mean: float, title: str) -> None:

@@ -53,7 +53,7 @@ import faults
 import inference
 import plots
 from augmentation import create_transform
-from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table
+from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table, balance_plan
 from fileio import WriteError, atomic_write, write_csv, write_json
 from loss import create_loss
 from model import count_parameters, create_model, has_depthwise_conv, model_data_config
@@ -457,20 +457,24 @@ def _loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=Fa
                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
-def build_caches(args: argparse.Namespace, table: Table, test: Table) -> tuple[ImageCache | None, ImageCache | None]:
-    """The decoded-image caches of the training and the test images (``--cache``), sharing ``--cache_gb``."""
+def build_caches(args: argparse.Namespace, table: Table, test: Table,
+                 pseudo: Table | None = None) -> tuple[ImageCache | None, ImageCache | None]:
+    """The decoded-image caches of the training images (then any pseudo-labelled ones) and of the test images
+    (``--cache``), sharing ``--cache_gb``."""
     if args.cache == "none":
         return None, None
     img_size = (args.resize_height, args.resize_width)
     limit = int(args.cache_gb * 2**30)
     if args.cache == "ram":
         limit //= rank_world()[1]  # each process of a DDP run holds its own copy in memory
-    train_cache = ImageCache(table.paths, img_size, args.cache, limit, args.cache_dir)
+    train_paths = list(table.paths) + ([] if pseudo is None else list(pseudo.paths))
+    train_cache = ImageCache(train_paths, img_size, args.cache, limit, args.cache_dir)
     test_cache = ImageCache(test.paths, img_size, args.cache, limit - train_cache.nbytes, args.cache_dir)
     cached = train_cache.capacity + test_cache.capacity
-    _logger.info("image cache (%s): %d of %d images at %dx%d, at most %.2f GiB%s", args.cache, cached,
-                 len(table.paths) + len(test.paths), *img_size, (train_cache.nbytes + test_cache.nbytes) / 2**30,
-                 "" if cached == len(table.paths) + len(test.paths) else f" (bounded by --cache_gb {args.cache_gb})")
+    total = len(train_paths) + len(test.paths)
+    _logger.info("image cache (%s): %d of %d images at %dx%d, at most %.2f GiB%s", args.cache, cached, total,
+                 *img_size, (train_cache.nbytes + test_cache.nbytes) / 2**30,
+                 "" if cached == total else f" (bounded by --cache_gb {args.cache_gb})")
     return train_cache, test_cache
 
 
@@ -511,19 +515,37 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     )
 
 
+def training_split(args: argparse.Namespace, table: Table, folds: np.ndarray, fold: int,
+                   pseudo: Table | None = None) -> argparse.Namespace:
+    """The fold's training images: its own and any pseudo-labelled test images (``--pseudo_labels``, in every fold's
+    training split, never a validation one), their ids in the training cache, and how an epoch draws them
+    (``--balance``: SeededSampler arguments, and the epoch's length)."""
+    idx = np.flatnonzero(folds != fold)
+    paths, targets, ids = list(np.asarray(table.paths)[idx]), table.targets[idx], idx
+    if pseudo is not None and len(pseudo.paths):
+        paths += list(pseudo.paths)
+        targets = np.concatenate([targets, pseudo.targets])
+        ids = np.concatenate([ids, len(table.paths) + np.arange(len(pseudo.paths))])
+    plan = balance_plan(targets, args.balance)
+    epoch_len = len(plan["pool"]) if "pool" in plan else len(paths)
+    return argparse.Namespace(paths=paths, targets=targets, ids=ids, plan=plan, epoch_len=epoch_len)
+
+
 def build_loaders(args: argparse.Namespace, t: argparse.Namespace, table: Table, folds: np.ndarray, fold: int,
                   test: Table, device: torch.device,
-                  caches: tuple[ImageCache | None, ImageCache | None] = (None, None)) -> argparse.Namespace:
+                  caches: tuple[ImageCache | None, ImageCache | None] = (None, None),
+                  pseudo: Table | None = None) -> argparse.Namespace:
     """The fold's loaders: ``train`` (shuffled by ``sampler``, sharded under DDP), ``val``, and ``test()`` (made when
     called, once the fold is trained). Training and validation workers live as long as the fold."""
     rank, world = rank_world()
-    train_idx, val_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    split = training_split(args, table, folds, fold, pseudo)
+    val_idx = np.flatnonzero(folds == fold)
     paths, targets = np.asarray(table.paths), table.targets
     train_cache, test_cache = caches
-    train_ds = ImageDataset(paths[train_idx], targets[train_idx], t.train_transform, t.img_size, train_cache,
-                            train_idx)
+    train_ds = ImageDataset(split.paths, split.targets, t.train_transform, t.img_size, train_cache, split.ids)
     val_ds = ImageDataset(paths[val_idx], targets[val_idx], t.eval_transform, t.img_size, train_cache, val_idx)
-    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1), num_replicas=world, rank=rank)
+    sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1), num_replicas=world, rank=rank,
+                            **split.plan)
     return argparse.Namespace(
         sampler=sampler,
         train=_loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
@@ -547,7 +569,7 @@ def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
 
 def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndarray, test: Table,
                run_dir: Path, device: torch.device, on_epoch=None,
-               caches: tuple[ImageCache | None, ImageCache | None] = (None, None)) -> None:
+               caches: tuple[ImageCache | None, ImageCache | None] = (None, None), pseudo: Table | None = None) -> None:
     """Train (or resume) one fold, then write its validation and test predictions and its done.json.
 
     ``on_epoch(fold, row)``, when given, is called after each epoch is saved with that epoch's metrics row (a
@@ -574,10 +596,11 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
     targets = table.targets
     resuming = (fold_dir / "last.pth").exists() or (fold_dir / "best.pth").exists()
-    t = build_training(args, num_classes, -(-len(train_idx) // world), device, load_pretrained=not resuming)
+    epoch_len = training_split(args, table, folds, fold, pseudo).epoch_len
+    t = build_training(args, num_classes, -(-epoch_len // world), device, load_pretrained=not resuming)
     model, optimizer, scheduler, scaler, early, ema = t.model, t.optimizer, t.scheduler, t.scaler, t.early, t.ema
     amp_dtype, img_size, norm = t.amp_dtype, t.img_size, t.norm
-    loaders = build_loaders(args, t, table, folds, fold, test, device, caches)
+    loaders = build_loaders(args, t, table, folds, fold, test, device, caches, pseudo)
     train_loader, val_loader, sampler = loaders.train, loaders.val, loaders.sampler
     criterion, mixup_fn, updates_per_epoch = t.criterion, t.mixup_fn, t.updates_per_epoch
 
@@ -613,8 +636,10 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
 
     writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch) \
         if main_process else None
-    _logger.info("fold %d: %d train / %d val images, %s (%.1fM parameters), %d updates per epoch, precision %s%s%s%s",
-                 fold, len(train_idx), len(val_idx), args.model, count_parameters(model) / 1e6, updates_per_epoch,
+    _logger.info("fold %d: %d train%s / %d val images, %s (%.1fM parameters), %d updates per epoch, precision "
+                 "%s%s%s%s", fold, len(train_idx),
+                 f" + {len(pseudo.paths)} pseudo-labelled" if pseudo is not None and len(pseudo.paths) else "",
+                 len(val_idx), args.model, count_parameters(model) / 1e6, updates_per_epoch,
                  "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1],
                  ", channels_last" if args.channels_last else "", ", compiled" if args.compile else "",
                  f", {world} processes" if world > 1 else "")
@@ -774,7 +799,8 @@ def check_test_rows(args: argparse.Namespace, test: Table) -> None:
                             f"{len(saved)} rows); predict other data with inference.py")
 
 
-def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, on_epoch=None) -> dict | None:
+def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, on_epoch=None,
+        pseudo: Table | None = None) -> dict | None:
     """Train every fold asked for (resuming where the run folder left off), then write OOF and the submission.
 
     ``on_epoch``: see :func:`train_fold`. Under torchrun every process trains; rank 0 returns the summary, the
@@ -794,9 +820,9 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, 
     fold_ids = requested_folds(args)
     if all((run_dir / f"fold_{fold}" / "done.json").exists() for fold in fold_ids):
         _logger.info("%s: already finished, nothing to train; its outputs are rewritten from the folds", run_dir)
-    caches = build_caches(args, table, test)
+    caches = build_caches(args, table, test, pseudo)
     for fold in fold_ids:
-        train_fold(args, fold, table, folds, test, run_dir, device, on_epoch, caches)
+        train_fold(args, fold, table, folds, test, run_dir, device, on_epoch, caches, pseudo)
     summary = finalize(run_dir, table, test, folds) if is_main_process() else None
     barrier()
     return summary

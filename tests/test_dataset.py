@@ -585,3 +585,62 @@ def test_disk_cache_is_keyed_by_file_and_survives_damage(tmp_path):
     assert len(list((tmp_path / "cache" / "32x32").rglob("*.npy"))) == 2
     other = ImageCache([path], (48, 48), "disk", 2**20, tmp_path / "cache")  # another size: another folder
     assert other.get(0) is None and other.dir.name == "48x48"
+
+
+# ----------------------------------------------------------------------------------------- balance, relabel, pseudo
+def test_balance_plans_and_sampler_draws():
+    targets = np.array([0] * 6 + [1] * 2 + [2] * 3)
+    pool = dataset.balance_plan(targets, "oversample")["pool"]
+    assert np.bincount(targets[pool]).tolist() == [6, 6, 6]
+    assert sorted(set(pool.tolist())) == list(range(11))  # every image still drawn
+    weights = dataset.balance_plan(targets, "sampler")["weights"]
+    assert np.allclose(np.bincount(targets, weights=weights), 1.0)
+    assert dataset.balance_plan(targets, "none") == {}
+
+    s = SeededSampler(11, seed=4, pool=pool)
+    items = list(s)
+    assert len(s) == len(items) == 18 and sorted(i for i, _ in items) == sorted(pool.tolist())
+    assert len({seed for _, seed in items}) == 18  # a repeated image gets a new augmentation each time
+    assert list(SeededSampler(11, seed=4, pool=pool)) == items
+    w = SeededSampler(11, seed=4, weights=weights)
+    draws = np.array([i for e in range(200) for i, _ in (w.set_epoch(e) or w)])
+    share = np.bincount(targets[draws], minlength=3) / len(draws)
+    assert np.allclose(share, 1 / 3, atol=0.03) and len(w) == 11
+    plain = SeededSampler(11, seed=4)  # without repeats, seeds are those of an index alone, as before
+    assert [seed for i, seed in plain] == [dataset.derive_seed(dataset.derive_seed(4, 0), i) for i, _ in plain]
+
+
+def test_relabel_file(tiny_data, tmp_path):
+    table = read_train_table(tiny_data / "train.csv", tiny_data / "train", check=False)
+    good = tmp_path / "relabel.csv"
+    pd.DataFrame({"image_path": [table.rel_paths[0], table.rel_paths[5]], "target": [3, 2]}).to_csv(good, index=False)
+    new = dataset.read_relabel(good, table)
+    assert new.targets[0] == 3 and new.targets[5] == 2
+    assert (np.delete(new.targets, [0, 5]) == np.delete(table.targets, [0, 5])).all()
+    assert table.targets[0] != 3  # the table read is left as it was
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"image_path": ["nope.png", table.rel_paths[1], table.rel_paths[1]], "target": [0, 9, 1]}).to_csv(
+        bad, index=False)
+    msg = _data_error(lambda: dataset.read_relabel(bad, table), str(bad))
+    assert "line 2" in msg and "not in the training data" in msg and "not a class index 0..3" in msg
+    assert "relabelled twice" in msg
+
+
+def test_pseudo_labels_from_a_probability_file(tiny_data, tmp_path):
+    test = read_test_table(tiny_data / "test.csv", tiny_data / "test", check=False)
+    names = ["a", "b", "c", "d"]
+    probs = np.full((10, 4), 0.1)
+    probs[[1, 4, 7], [2, 0, 3]] = 0.7
+    df = pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(4)])
+    df.insert(0, "image_path", test.rel_paths)
+    df.insert(0, "ID", range(10))
+    run = tmp_path / "run"
+    run.mkdir()
+    df.to_csv(run / "test_probs.csv", index=False)
+    pseudo = dataset.read_pseudo_labels(run, test, 0.6, names)
+    assert pseudo.rel_paths == [test.rel_paths[i] for i in (1, 4, 7)] and pseudo.targets.tolist() == [2, 0, 3]
+    assert pseudo.paths[0] == test.paths[1]
+    assert len(dataset.read_pseudo_labels(run / "test_probs.csv", test, 0.75, names).paths) == 0
+    _data_error(lambda: dataset.read_pseudo_labels(run, test, 0.6, names[:3]), "4 classes, the training data has 3")
+    df.iloc[::-1].to_csv(tmp_path / "other.csv", index=False)
+    _data_error(lambda: dataset.read_pseudo_labels(tmp_path / "other.csv", test, 0.6, names), "not this test set")

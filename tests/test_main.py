@@ -478,3 +478,28 @@ def test_duplicates_stay_in_one_fold(tiny_data, tmp_path):
     run_cli("main.py", *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", "1",
             "--no-group_duplicates", "--save_dir", plain, "--output_dir", tmp_path / "out")
     assert json.loads((plain / "args.json").read_text())["group_duplicates"] is False
+
+
+def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path):
+    first, _, _ = kfold_run
+    train_csv = pd.read_csv(tiny_data / "train.csv")
+    relabel = tmp_path / "relabel.csv"
+    pd.DataFrame({"image_path": train_csv["image_path"][:3], "target": (train_csv["target"][:3] + 1) % 4}).to_csv(
+        relabel, index=False)
+    probs = pd.read_csv(first / "test_probs.csv").filter(like="prob_").to_numpy()
+    threshold = float(np.sort(probs.max(1))[-4])  # the 4 most confident test images, at least
+    run = tmp_path / "second"
+    proc = run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "1",
+                   "--relabel_csv", relabel, "--pseudo_labels", first, "--pseudo_threshold", str(threshold),
+                   "--balance", "oversample", "--save_dir", run, "--output_dir", tmp_path / "out")
+    expected = int((probs.max(1) >= threshold).sum())
+    assert expected >= 4 and f"pseudo-labels: {expected} of 10 test images" in proc.stderr
+    assert f"24 train + {expected} pseudo-labelled / 24 val images" in proc.stderr
+    folds = pd.read_csv(run / "folds.csv")
+    assert folds["target"][:3].tolist() == ((train_csv["target"][:3] + 1) % 4).tolist()
+    assert folds["target"][3:].tolist() == train_csv["target"][3:].tolist()
+    assert len(pd.read_csv(run / "oof.csv")) == 48  # pseudo-labelled images are never validated
+    bad = run_cli("main.py", *data_args(tiny_data), *FAST, "--pseudo_labels", tmp_path / "missing",
+                  "--save_dir", tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--pseudo_labels" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -212,7 +212,8 @@ CHECKED_ELSEWHERE = {
     "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
     "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
     "cache", "cache_dir", "cache_gb", "eval_batch_size", "compile",  # test_loader_flags_reach_the_loaders below
-    "tta", "snapshots", "group_duplicates",  # test_main.py, end to end
+    "tta", "snapshots", "group_duplicates", "relabel_csv", "pseudo_labels", "pseudo_threshold",  # test_main.py
+    "balance",  # test_balance_reaches_the_sampler below
     "config",  # test_config.py
 }
 
@@ -309,3 +310,14 @@ def test_no_ema_by_default_and_snapshot_ranking():
     assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "ema"}) == 2
     assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "model"}) == 1
     assert train.prediction_state({"model": 1}) == 1
+
+
+def test_balance_reaches_the_sampler(tiny_data):
+    _, t, _, loaders = _fold_loaders(tiny_data, "--balance", "oversample")
+    targets = loaders.train.dataset.targets.numpy()
+    drawn = np.bincount(targets[loaders.sampler.pool.numpy()])
+    assert drawn.tolist() == [np.bincount(targets).max()] * 4 and len(loaders.sampler) == drawn.sum()
+    _, t, _, loaders = _fold_loaders(tiny_data, "--balance", "sampler")
+    assert loaders.sampler.weights is not None and loaders.sampler.pool is None
+    _, _, _, loaders = _fold_loaders(tiny_data)
+    assert loaders.sampler.weights is None and loaders.sampler.pool is None
