@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ import dedup
 import faults
 import inference
 import plots
-from augmentation import create_transform
+from augmentation import create_transform, denormalize
 from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table, balance_plan
 from fileio import WriteError, atomic_write, write_csv, write_json
 from loss import create_loss
@@ -634,8 +635,12 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
             _write_metrics(history, fold_dir)
     net = wrap_model(model, args, device)
 
-    writer = SummaryWriter(str(Path(args.log_dir or run_dir) / f"fold_{fold}"), purge_step=start_epoch) \
-        if main_process else None
+    log_dir = str(Path(args.log_dir or run_dir) / f"fold_{fold}")
+    writer = SummaryWriter(log_dir, purge_step=start_epoch) if main_process else None
+    if writer is not None and start_epoch == 0:  # what the model is shown: a grid of augmented training images
+        sampler.set_epoch(0)
+        shown = [loaders.train.dataset[item][0] for item in itertools.islice(iter(sampler), 16)]
+        writer.add_images("train/augmented", denormalize(torch.stack(shown), **norm), 0, dataformats="NHWC")
     _logger.info("fold %d: %d train%s / %d val images, %s (%.1fM parameters), %d updates per epoch, precision "
                  "%s%s%s%s", fold, len(train_idx),
                  f" + {len(pseudo.paths)} pseudo-labelled" if pseudo is not None and len(pseudo.paths) else "",
@@ -740,6 +745,9 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
         done = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
                 "snapshots": [int(p.stem[9:]) for p in sources if p.name.startswith("snapshot_")],
                 "val_acc": float((val_probs.argmax(1) == targets[val_idx]).mean()), "best_metrics": best_row}
+        with SummaryWriter(log_dir) as final:  # the best epoch's confusions, as a figure
+            final.add_figure("val/confusion", plots.confusion_figure(targets[val_idx], val_probs.argmax(1),
+                                                                     table.class_names), best["epoch"])
         write_json(done, done_path)
         faults.point("fold_done")
         _logger.info("fold %d: finished, best epoch %d, val_acc %.4f", fold, best["epoch"] + 1, done["val_acc"])

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import FAST, ROOT, SHARED, data_args, make_subset, run_cli
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 import main as main_module
 
@@ -53,8 +54,16 @@ def test_run_folder_contents(kfold_run, tiny_data):
         metrics = pd.read_csv(fold_dir / "metrics.csv")
         assert metrics["epoch"].tolist() == [0, 1]
         assert {"train_loss", "val_loss", "val_acc", "val_f1", "lr", "images_per_sec", "peak_rss_mb"} <= set(metrics)
-        assert list(fold_dir.glob("events.out.tfevents.*")), "TensorBoard events missing"
         assert np.load(fold_dir / "val_probs.npy").shape == ((folds["fold"] == fold).sum(), 4)
+        events = EventMultiplexer().AddRunsFromDirectory(str(fold_dir))
+        events.Reload()
+        tags = events.Runs()["."]
+        assert {"train/loss", "val/loss", "val/acc", "val/f1", "lr", "images_per_sec"} <= set(tags["scalars"])
+        assert [e.step for e in events.Scalars(".", "val/acc")] == [0, 1]
+        (grid,) = events.Images(".", "train/augmented")  # 16 augmented training images, once
+        assert (grid.width, grid.height) == (8 * 32, 2 * 32)  # a grid of the 32 px working images, 8 a row
+        assert events.Images(".", "val/confusion"), "the confusion figure is missing"
+    assert {p.name for p in (run / "plots").iterdir()} == {"curves.png", "confusion.png", "per_class_accuracy.png"}
 
     oof = pd.read_csv(run / "oof.csv")
     assert list(oof.columns) == ["image_path", "target", "fold", "pred"]
