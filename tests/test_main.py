@@ -512,3 +512,22 @@ def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path):
                   "--save_dir", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--pseudo_labels" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_folds_side_by_side_then_merged(tiny_data, tmp_path):
+    """One process per fold (one per GPU in real life) into one run folder, then one command merges them."""
+    common = [*data_args(tiny_data), *FAST, "--kfold", "3", "--max_epochs", "2", "--deterministic",
+              "--output_dir", tmp_path / "out"]
+    run_cli("main.py", *common, "--save_dir", tmp_path / "whole")
+    run = tmp_path / "split"
+    run_cli("main.py", *common, "--save_dir", run, "--fold", "0")  # creates the run folder
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--save_dir", str(run), "--resume_training",
+                               "--fold", str(fold), "--output_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for fold in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    merged = run_cli("main.py", "--save_dir", run, "--resume_training", "--output_dir", tmp_path / "out")
+    assert "already finished" in merged.stderr and "folds finished:  [0, 1, 2]" in merged.stdout
+    for name in OUTPUTS:
+        assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
