@@ -59,9 +59,11 @@ def _count(minimum: int):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run folder (holds oof.csv, oof_probs.npy, args.json)")
-    parser.add_argument("--top", type=_count(1), default=20, help="worst classes and confused pairs to print")
+    parser.add_argument("--top", type=_count(1), default=20,
+                        help="worst classes and confused pairs to print (default: 20)")
     parser.add_argument("--sheet", type=_count(0), default=48,
-                        help="misclassified images on the contact sheet, most confident first (0: no sheet)")
+                        help="misclassified images on the contact sheet, most confident first, 0 = no sheet "
+                             "(default: 48)")
     return parser
 
 
