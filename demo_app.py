@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     for path in checkpoints:
         try:
             ckpt = load_checkpoint(path)
-            model = create_model(ckpt["model_name"], ckpt["num_classes"])
+            model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
             model.load_state_dict(prediction_state(ckpt))
         except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
             raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "

@@ -107,7 +107,7 @@ def load_for_export(path: Path) -> tuple[Exported, dict]:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or not {"model", "model_name", "num_classes", "img_size"} <= set(ckpt):
             raise ValueError("no model, model_name, num_classes or img_size")
-        model = create_model(ckpt["model_name"], ckpt["num_classes"])
+        model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
         model.load_state_dict(prediction_state(ckpt))
     except Exception as e:  # foreign, damaged or unsafe files fail in many ways: name the file, never a traceback
         reason = str(e).splitlines()[0][:160] if str(e) else "unreadable"

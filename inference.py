@@ -170,7 +170,7 @@ def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_
     for path, weight in zip(checkpoints, weights, strict=True):
         try:
             ckpt = load_checkpoint(path)
-            model = create_model(ckpt["model_name"], ckpt["num_classes"])
+            model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
             model.load_state_dict(prediction_state(ckpt))
         except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
             raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "

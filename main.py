@@ -25,7 +25,7 @@ from pathlib import Path
 from augmentation import AUGMENTATIONS
 from cli import ArgumentParser, default_cache_gb, default_workers
 from loss import LOSSES
-from model import MODELS
+from model import HEADS, MODELS
 
 HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
@@ -41,6 +41,7 @@ RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold",
 
 def get_args_parser() -> argparse.ArgumentParser:
     from dataset import CACHE_MODES
+    from features import FEATURE_CACHE_MODES
     from inference import TTA_MODES
     from train import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS
 
@@ -109,6 +110,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (default: 0)")
     model.add_argument("--drop_path", type=float, default=None,
                        help="stochastic depth rate (default: the model's own)")
+
+    frozen = parser.add_argument_group("frozen backbone")
+    frozen.add_argument("--freeze_backbone", action="store_true",
+                        help="train only the classifier head; the frozen part stays in eval mode (batch-norm "
+                             "statistics unchanged) (default: train the whole model)")
+    frozen.add_argument("--unfreeze_blocks", type=int, default=0,
+                        help="with --freeze_backbone, also train the last N blocks (stages of timm's coarse "
+                             "grouping) (default: 0)")
+    frozen.add_argument("--head", default="linear", choices=HEADS,
+                        help="the classifier: linear, or mlp (Linear-GELU-Dropout-Linear on the pooled features) "
+                             "(default: linear)")
+    frozen.add_argument("--feature_views", type=int, default=1,
+                        help="with the feature cache, cache each training image's features K times: the eval view "
+                             "and K-1 augmented views, one drawn per image each epoch (default: 1)")
+    frozen.add_argument("--feature_cache", default="auto", choices=FEATURE_CACHE_MODES,
+                        help="train the head on pooled features extracted once per run (RUN/features/): auto = on "
+                             "when the whole backbone is frozen and no --mixup, --cutmix or --tta needs pixels "
+                             "(default: auto)")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch_size", type=int, default=32,
@@ -262,7 +281,7 @@ def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) 
 def _check_args(parser, args: argparse.Namespace) -> None:
     """Refuse values and combinations that cannot train, or would train wrongly, naming the flag."""
     for flag in ("batch_size", "eval_batch_size", "snapshots", "accumulation_steps", "max_epochs", "resize_height",
-                 "resize_width", "kfold"):
+                 "resize_width", "kfold", "feature_views"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs",
@@ -291,8 +310,26 @@ def _check_args(parser, args: argparse.Namespace) -> None:
     for flag in ("test_solution", "sample_submission", "relabel_csv"):
         if getattr(args, flag) is not None and not getattr(args, flag).is_file():
             parser.error(f"--{flag} {getattr(args, flag)}: file not found")
-    if args.pretrained_path is not None and not args.resume_training and not args.pretrained_path.is_file():
+    if (args.pretrained_path is not None and not args.resume_training and not args.pretrained_path.is_file()
+            and not args.model.startswith("stack:")):  # a stack's FILE+FILE form: create_model checks each file
         parser.error(f"--pretrained_path {args.pretrained_path}: file not found")
+    _check_frozen_args(parser, args)
+
+
+def _check_frozen_args(parser, args: argparse.Namespace) -> None:
+    """The frozen-backbone flags: --unfreeze_blocks and the feature cache need a frozen backbone."""
+    import features
+
+    if args.unfreeze_blocks < 0:
+        parser.error(f"--unfreeze_blocks must not be negative, got {args.unfreeze_blocks}")
+    if args.unfreeze_blocks and not args.freeze_backbone:
+        parser.error(f"--unfreeze_blocks {args.unfreeze_blocks} needs --freeze_backbone")
+    reason = features.cache_conflict(args)
+    if args.feature_cache == "on" and reason:
+        parser.error(f"--feature_cache on: {reason}")
+    if args.feature_views > 1 and not features.cache_on(args):
+        parser.error(f"--feature_views {args.feature_views} needs the feature cache, which is off here: "
+                     + ("--feature_cache off" if args.feature_cache == "off" else reason))
 
 
 def _probe_writable(flag: str, folder: Path | None) -> None:

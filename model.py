@@ -5,6 +5,11 @@ included); any other name timm knows (``timm.list_models()``) works as it is. Pr
 Hugging Face hub (``--pretrained``) or from a local file (``--pretrained_path``: a timm/torchvision state dict,
 safetensors, or a checkpoint of this suite). When the hub cannot be reached the error says so at once instead of
 retrying for a minute.
+
+Stacking: ``stack:A+B`` (two or more names joined by ``+``, each a key of MODELS or a timm name, e.g.
+``--model stack:convnext_atto+vit_tiny_patch16_224.augreg_in21k_ft_in1k``) is one model: every backbone is built
+headless (``num_classes=0``, pooled features out), and a single ``Linear(sum of their num_features, num_classes)``
+behind dropout reads the concatenated features. See :class:`StackedModel` for what each flag does to it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
+import torch
 from torch import nn
 
 _logger = logging.getLogger(__name__)
@@ -40,8 +46,16 @@ class ModelError(ValueError):
     """A model that cannot be built as asked: unknown name, unreachable or unreadable weights."""
 
 
-def resolve_model_name(name: str) -> str:
-    """The timm model name for ``name`` (a key of MODELS or any timm name); ModelError with suggestions if unknown."""
+STACK_PREFIX = "stack:"
+
+
+def stack_parts(name: str) -> list[str] | None:
+    """The backbone names of a ``stack:A+B`` model name, as written; None for a single model."""
+    return name[len(STACK_PREFIX):].split("+") if name.startswith(STACK_PREFIX) else None
+
+
+def _resolve_single(name: str, where: str) -> str:
+    """The timm name of one model; ``where`` starts the error message (the flag, and the part of a stack)."""
     full = MODELS.get(name, name)
     arch = full.split(".")[0]
     if timm.is_model(arch):
@@ -51,10 +65,24 @@ def resolve_model_name(name: str) -> str:
         except RuntimeError:
             tags = list(timm.models.get_arch_pretrained_cfgs(arch))
             close = difflib.get_close_matches(full, tags, n=5, cutoff=0.0)
-            raise ModelError(f"--model {name!r}: {arch} has no pretrained tag {full.partition('.')[2]!r}"
+            raise ModelError(f"{where}: {arch} has no pretrained tag {full.partition('.')[2]!r}"
                              + (f"; did you mean {', '.join(close)}?" if close else "")) from None
     close = difflib.get_close_matches(name, list(dict.fromkeys(list(MODELS) + timm.list_models())), n=5, cutoff=0.6)
-    raise ModelError(f"--model {name!r}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    raise ModelError(f"{where}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def resolve_model_name(name: str) -> str:
+    """The timm model name for ``name`` (a key of MODELS or any timm name); ModelError with suggestions if unknown.
+
+    A stack resolves part by part (``stack:convnext_atto+resnet18`` -> ``stack:convnext_atto.d2_in1k+resnet18.a1_in1k``)
+    and an unknown part is named in the error.
+    """
+    parts = stack_parts(name)
+    if parts is None:
+        return _resolve_single(name, f"--model {name!r}")
+    if len(parts) < 2 or not all(parts):
+        raise ModelError(f"--model {name!r}: a stack needs two or more model names joined by '+' (stack:NAME+NAME)")
+    return STACK_PREFIX + "+".join(_resolve_single(p, f"--model {name!r}: part {p!r}") for p in parts)
 
 
 def _hub_address(full_name: str) -> tuple[str, int] | None:
@@ -77,19 +105,68 @@ def _hub_reachable(address: tuple[str, int], timeout: float = 3.0) -> bool:
         return False
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float | None = None) -> nn.Module:
-    """Build ``name`` with a ``num_classes`` head; weights random, from the hub, or from ``pretrained_path``."""
+def _weights_file(path: str) -> str:
+    """``path`` if it is a file, else ModelError."""
+    if not Path(path).is_file():
+        raise ModelError(f"--pretrained_path {path}: file not found")
+    return path
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str | Path | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float | None = None, head: str = "linear") -> nn.Module:
+    """Build ``name`` with a ``num_classes`` head; weights random, from the hub, or from ``pretrained_path``.
+
+    ``head``: ``linear`` (timm's own classifier) or ``mlp`` (see :func:`set_head`); a checkpoint records it.
+
+    For a stack (``stack:A+B``), ``pretrained`` loads every backbone's hub weights, and ``pretrained_path`` is either
+    one checkpoint of the whole stacked model (a trainer checkpoint such as ``fold_0/best.pth``, or its state dict)
+    or one file per backbone joined by ``+`` in the stack's order (each what ``--pretrained_path`` takes for that
+    backbone alone); a file path that itself contains ``+`` is read as the whole-stack checkpoint.
+    """
+    if head != "linear":  # built with the linear classifier, which is then replaced
+        return set_head(create_model(name, num_classes, pretrained, pretrained_path, drop_rate, drop_path_rate),
+                        head, drop_rate)
     full = resolve_model_name(name)
-    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    parts = stack_parts(full)
+    pretrained_path = None if pretrained_path is None else str(pretrained_path)  # main.py passes a Path
+    if parts is None:
+        file = None if pretrained_path is None else _weights_file(pretrained_path)
+        return _create_timm(full, name, {"num_classes": num_classes, "drop_rate": drop_rate}, pretrained, file,
+                            drop_path_rate)
+    whole, files = None, [None] * len(parts)
+    if pretrained_path is not None:
+        if Path(pretrained_path).is_file() or "+" not in pretrained_path:
+            whole = _weights_file(pretrained_path)
+        else:
+            files = pretrained_path.split("+")
+            if len(files) != len(parts):
+                raise ModelError(f"--pretrained_path {pretrained_path}: {len(files)} files for a stack of "
+                                 f"{len(parts)} backbones; give one per backbone joined by '+', or one checkpoint "
+                                 "of the whole stack")
+            files = [_weights_file(f) for f in files]
+    # The backbones' own head dropout stays off: the stack's classifier applies drop_rate once.
+    backbones = [_create_timm(part, name, {"num_classes": 0, "drop_rate": 0.0},
+                              pretrained and whole is None, file, drop_path_rate, stacked=True)
+                 for part, file in zip(parts, files, strict=True)]
+    model = StackedModel(backbones, num_classes, drop_rate, name=full)
+    if whole is not None:
+        _load_stack_checkpoint(model, whole, full)
+    return model
+
+
+def _create_timm(full: str, name: str, kwargs: dict, pretrained: bool, file: str | None,
+                 drop_path_rate: float | None, stacked: bool = False) -> nn.Module:
+    """One timm model ``full`` (``name``: what --model says, for messages), weights from ``file``, the hub or none.
+
+    ``stacked``: a backbone of a stack, built with ``dynamic_img_size=True`` where the architecture has it (ViTs),
+    so it takes any input size.
+    """
+    kwargs = dict(kwargs)
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
-    if pretrained_path is not None:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise ModelError(f"--pretrained_path {path}: file not found")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        source = str(path)
+    if file is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(file))})
+        source = file
     elif pretrained:
         kwargs["pretrained"] = True
         source = "the hub"
@@ -108,16 +185,36 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
             source = "the local hub cache"
     else:
         source = None
+    strict_file = stacked and file is not None
     try:
-        model = timm.create_model(full, **kwargs)
+        if strict_file:
+            # timm loads a file leniently whenever it replaces the head, so a backbone handed the wrong file would
+            # keep its random weights with a mere warning. Built with the file's own head instead, every weight must
+            # come from the file (timm's conversions still apply); the head is dropped after.
+            state = dict(timm.models.load_state_dict(file, weights_only=True))  # never runs code from the file
+            classes = _head_classes(full, state)
+            kwargs.update(num_classes=classes, pretrained_cfg_overlay={"state_dict": state, "num_classes": classes})
+        model = None
+        if stacked:
+            try:
+                model = timm.create_model(full, dynamic_img_size=True, **kwargs)
+            except TypeError as e:  # not a ViT-style model: its input size is free anyway
+                if "dynamic_img_size" not in str(e):
+                    raise
+        if model is None:
+            model = timm.create_model(full, **kwargs)
+        if strict_file:
+            model.pretrained_cfg.pop("state_dict", None)  # the loaded copy would otherwise stay in memory
+            model.reset_classifier(0)
     except Exception as e:  # an unreadable file fails in many ways (EOFError, struct.error, SafetensorError...)
-        if pretrained_path is not None:
-            reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
-            raise ModelError(f"--pretrained_path {pretrained_path}: cannot load into {full} ({reason})") from None
+        if file is not None:
+            reason = _first_line(e)
+            raise ModelError(f"--pretrained_path {file}: cannot load into {full} ({reason})") from None
         if source is not None and isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
             raise ModelError(f"--model {name}: pretrained weights for {full} cannot be fetched from {source} "
                              "(no connection to the hub); download them elsewhere and pass --pretrained_path FILE"
-                             ) from None
+                             + (" (for a stack: one file per backbone joined by '+', or a checkpoint of the whole "
+                                "stack)" if stacked else "")) from None
         if isinstance(e, TypeError) and drop_path_rate is not None:  # models without stochastic depth
             raise ModelError(f"--drop_path: {full} does not take a stochastic depth rate") from None
         raise
@@ -126,8 +223,165 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
     return model
 
 
+def _head_classes(full: str, state: dict) -> int:
+    """Rows of the classifier of ``full`` in a state dict (0: the file has none)."""
+    cfg = timm.models.get_pretrained_cfg(full)
+    classifier = getattr(cfg, "classifier", None) or "head"
+    weight = state.get(f"{classifier if isinstance(classifier, str) else classifier[0]}.weight")
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim >= 2 else 0
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of an exception in one line (torch's "Error(s) in loading state_dict for X:" with its next line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines or [""])[0]
+    return text[:200] or type(e).__name__
+
+
+def _load_stack_checkpoint(model: StackedModel, path: str, full: str) -> None:
+    """Load a checkpoint of a whole stacked model into ``model``; a head of another class count is left fresh."""
+    try:
+        # timm's reader: weights only (never runs code from the file), a trainer checkpoint's "model" entry.
+        state = dict(timm.models.load_state_dict(path, weights_only=True))
+        own = model.state_dict()
+        head = [k for k in own if k.startswith("head.")]
+        if any(k in state and state[k].shape != own[k].shape for k in head):  # another class count
+            for k in head:
+                state.pop(k, None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in head]
+        if missing or unexpected:
+            raise ValueError(f"{len(missing)} weights missing (first: {(missing or ['-'])[0]}), "
+                             f"{len(unexpected)} not in the model (first: {(unexpected or ['-'])[0]})")
+    except Exception as e:  # an unreadable or foreign file fails in many ways
+        raise ModelError(f"--pretrained_path {path}: cannot load into {full} ({_first_line(e)})") from None
+    _logger.info("model %s: weights from %s", full, path)
+
+
+class _Renormalize(nn.Module):
+    """An image normalized with one mean/std, re-expressed with another (a fixed per-channel affine map)."""
+
+    def __init__(self, mean_from, std_from, mean_to, std_to) -> None:
+        super().__init__()
+        mean_from, std_from, mean_to, std_to = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                                for v in (mean_from, std_from, mean_to, std_to))
+        # Fixed by the architectures' configs, so not saved: a checkpoint holds only the learned weights.
+        self.register_buffer("scale", std_from / std_to, persistent=False)
+        self.register_buffer("shift", (mean_from - mean_to) / std_to, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class StackedModel(nn.Module):
+    """Backbones side by side on the same image; one linear classifier over their concatenated pooled features.
+
+    - The backbones are timm models built headless (``num_classes=0``); ``drop_path_rate`` (stochastic depth)
+      goes to each of them, ``drop_rate`` only to the dropout before the shared classifier.
+    - Input normalization and native input size are the first backbone's (what ``model_data_config`` reports); a
+      later backbone pretrained with another mean/std (a CLIP-normalized EVA beside an ImageNet ConvNeXt) maps the
+      input to its own normalization first, so each sees what its weights expect.
+    - ViT-style backbones take any input size (``dynamic_img_size``), so the stack runs at the trainer's
+      ``--resize_height/--resize_width`` whatever the backbones' native sizes.
+    - ``forward_features`` returns one feature tensor per backbone (maps and token sequences differ in shape);
+      ``forward_head(features, pre_logits=True)`` returns the concatenated pooled features, ``num_features`` wide.
+    - ``state_dict`` keys: ``backbones.<i>.<that backbone's own keys>``, ``head.weight``, ``head.bias``.
+    """
+
+    def __init__(self, backbones: list[nn.Module], num_classes: int, drop_rate: float = 0.0,
+                 name: str = "stack") -> None:
+        super().__init__()
+        self.backbones = nn.ModuleList(backbones)
+        first = dict(backbones[0].pretrained_cfg)
+        self.renorms = nn.ModuleList(
+            nn.Identity() if _same_normalization(first, b.pretrained_cfg)
+            else _Renormalize(first["mean"], first["std"], b.pretrained_cfg["mean"], b.pretrained_cfg["std"])
+            for b in backbones
+        )
+        # Width of each backbone's pooled output: head_hidden_size where a head layer follows the pooling
+        # (MobileNetV3's conv_head), else num_features.
+        self.num_features = self.head_hidden_size = sum(
+            getattr(b, "head_hidden_size", None) or b.num_features for b in backbones)
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+        self.pretrained_cfg = {"architecture": name, "num_classes": num_classes, "classifier": "head",
+                               **{k: first[k] for k in keep if k in first}}
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The shared linear classifier."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none, the forward returns pooled features)."""
+        if global_pool is not None:
+            raise ValueError("a stacked model keeps each backbone's own pooling; global_pool must be None")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbones' own no-weight-decay parameters (position embeddings, class tokens...), as named here."""
+        return {f"backbones.{i}.{n}" for i, b in enumerate(self.backbones)
+                for n in (b.no_weight_decay() if hasattr(b, "no_weight_decay") else ())}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every backbone."""
+        for b in self.backbones:
+            b.set_grad_checkpointing(enable)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each backbone's unpooled features of ``x``, in order."""
+        return tuple(b.forward_features(r(x)) for b, r in zip(self.backbones, self.renorms, strict=True))
+
+    def forward_head(self, features: tuple[torch.Tensor, ...], pre_logits: bool = False) -> torch.Tensor:
+        """Pool each backbone's features, concatenate, then classify (``pre_logits``: return the concatenation)."""
+        pooled = torch.cat([b.forward_head(f, pre_logits=True) for b, f in zip(self.backbones, features, strict=True)],
+                           dim=1)
+        pooled = self.head_drop(pooled)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _same_normalization(a: dict, b: dict) -> bool:
+    return all(abs(float(x) - float(y)) < 1e-6 for key in ("mean", "std") for x, y in zip(a[key], b[key], strict=True))
+
+
+HEADS = ("linear", "mlp")
+
+
+def set_head(model: nn.Module, head: str, drop_rate: float = 0.0) -> nn.Module:
+    """``model`` with its linear classifier replaced by ``head``: ``mlp`` is Linear(D, D)-GELU-Dropout(drop_rate)-
+    Linear(D, classes) on the same pooled features, set where ``pretrained_cfg['classifier']`` names the classifier,
+    so ``get_classifier()``, checkpoints and prediction find it as they find a linear one."""
+    if head == "linear":
+        return model
+    if head not in HEADS:
+        raise ModelError(f"--head {head!r}: not one of {', '.join(HEADS)}")
+    name = model.pretrained_cfg.get("classifier")
+    old = model.get_classifier()
+    if not isinstance(name, str) or not isinstance(old, nn.Linear) or model.get_submodule(name) is not old:
+        raise ModelError(f"--head {head}: {model.pretrained_cfg.get('architecture', type(model).__name__)} has no "
+                         "single linear classifier to replace")
+    width = old.in_features
+    model.set_submodule(name, nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(drop_rate),
+                                            nn.Linear(width, old.out_features)))
+    return model
+
+
 def model_data_config(model: nn.Module) -> dict:
-    """Normalization mean/std and the native input size of ``model`` (from its timm pretrained config)."""
+    """Normalization mean/std and the native input size of ``model`` (from its timm pretrained config).
+
+    For a stacked model: the first backbone's; the others re-normalize inside the model (see StackedModel).
+    """
     cfg = timm.data.resolve_data_config({}, model=model)
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "input_size": tuple(cfg["input_size"])}
 

@@ -274,7 +274,7 @@ class Evaluator:
         from model import create_model
         from train import _loader, resolve_amp
 
-        self.model = create_model(meta["model_name"], meta["num_classes"])
+        self.model = create_model(meta["model_name"], meta["num_classes"], head=meta.get("head", "linear"))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
         self.device, self.channels_last = device, channels_last

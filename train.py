@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import dedup
 import faults
+import features
 import inference
 import plots
 from augmentation import create_transform, denormalize
@@ -335,7 +336,7 @@ def prediction_state(ckpt: dict) -> dict:
 def _model_meta(args: argparse.Namespace, table: Table, img_size, norm: dict) -> dict:
     """What a checkpoint needs to be rebuilt and used for prediction without the run's arguments."""
     return {"model_name": args.model, "num_classes": len(table.class_names), "class_names": table.class_names,
-            "img_size": list(img_size), "data_config": norm}
+            "img_size": list(img_size), "data_config": norm, "head": args.head}
 
 
 def snapshot_epochs(history: list[dict], k: int, mode: str) -> set[int]:
@@ -488,7 +489,9 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     """
     model = create_model(args.model, num_classes, pretrained=args.pretrained and load_pretrained,
                          pretrained_path=args.pretrained_path if load_pretrained else None,
-                         drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
+                         drop_rate=args.drop_rate, drop_path_rate=args.drop_path, head=args.head)
+    if args.freeze_backbone:  # before the optimizer and the EMA: they take the parameters left trainable
+        features.freeze_backbone(model, args.unfreeze_blocks)
     data_cfg = model_data_config(model)
     amp_dtype = resolve_amp(args.amp, device, model)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -633,7 +636,12 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                      ckpt["epoch"] + 1, updates, args.monitor, early.best, early.best_epoch + 1)
         if main_process:
             _write_metrics(history, fold_dir)
-    net = wrap_model(model, args, device)
+    if features.cache_on(args, world):  # a frozen backbone: the head trains on features extracted once per run
+        net, ema, loaders = features.head_on_features(args, t, ema, loaders, table, folds, fold, test, run_dir,
+                                                      device, caches, pseudo)
+        train_loader, val_loader = loaders.train, loaders.val
+    else:
+        net = wrap_model(model, args, device)
 
     log_dir = str(Path(args.log_dir or run_dir) / f"fold_{fold}")
     writer = SummaryWriter(log_dir, purge_step=start_epoch) if main_process else None
@@ -792,9 +800,14 @@ def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None
     if smallest < args.batch_size:
         raise DataError(f"--batch_size {args.batch_size} is larger than the smallest training split "
                         f"({smallest} images{' per process' if world > 1 else ''}); lower it or use fewer folds")
+    if args.feature_cache == "on" and features.cache_conflict(args, world):
+        raise DataError(f"--feature_cache on: {features.cache_conflict(args, world)}")
     if not any((Path(args.save_dir) / f"fold_{f}").exists() for f in fold_ids):
-        create_model(args.model, len(table.class_names), pretrained=args.pretrained,
-                     pretrained_path=args.pretrained_path, drop_rate=args.drop_rate, drop_path_rate=args.drop_path)
+        model = create_model(args.model, len(table.class_names), pretrained=args.pretrained,
+                             pretrained_path=args.pretrained_path, drop_rate=args.drop_rate,
+                             drop_path_rate=args.drop_path, head=args.head)
+        if args.freeze_backbone:  # an --unfreeze_blocks beyond the model's blocks is refused here
+            features.freeze_backbone(model, args.unfreeze_blocks)
 
 
 def check_test_rows(args: argparse.Namespace, test: Table) -> None:

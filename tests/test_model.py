@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import model as model_module
@@ -27,11 +28,13 @@ import train
 from model import (
     MODELS,
     ModelError,
+    StackedModel,
     count_parameters,
     create_model,
     has_depthwise_conv,
     model_data_config,
     resolve_model_name,
+    stack_parts,
 )
 from seed import get_rng_state
 
@@ -270,9 +273,9 @@ def test_pretrained_path_never_runs_code_from_the_file(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- the hub
 _HUB_SCRIPT = """
-import json, model
+import json, sys, model
 try:
-    model.create_model("resnet18", 3, pretrained=True)
+    model.create_model(sys.argv[1], 3, pretrained=True)
 except model.ModelError as e:
     print(json.dumps(str(e)))
     raise SystemExit(3)
@@ -282,18 +285,22 @@ print(json.dumps("loaded"))
 
 @pytest.fixture(scope="module")
 def hub_attempts(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
-    """``create_model(pretrained=True)`` in fresh processes (the hub client reads HF_HUB_OFFLINE at import), with
-    HF_HUB_OFFLINE=1 and without it, side by side; empty caches so nothing cached can stand in for the hub."""
+    """``create_model(pretrained=True)`` of resnet18 and of a stack in fresh processes (the hub client reads
+    HF_HUB_OFFLINE at import), with HF_HUB_OFFLINE=1 and without it, side by side; empty caches so nothing cached
+    can stand in for the hub."""
     cache = tmp_path_factory.mktemp("empty_cache")
     base = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
     base.update(HF_HOME=str(cache / "hf"), TORCH_HOME=str(cache / "torch"), PYTHONDONTWRITEBYTECODE="1")
     # "no_network": the hub's address is a closed local port, so the unreachable path runs without leaving the machine.
     envs = {"offline": {**base, "HF_HUB_OFFLINE": "1"}, "no_network": {**base, "HF_ENDPOINT": "http://127.0.0.1:9"}}
+    # A stack checks the hub for each pretrained backbone: the first one already fails, just as fast.
+    envs |= {f"stack_{key}": env for key, env in envs.items()}
     procs = {}
     for key, env in envs.items():
+        name = "stack:resnet18+convnext_atto" if key.startswith("stack_") else "resnet18"
         procs[key] = (
             subprocess.Popen(
-                [sys.executable, "-c", _HUB_SCRIPT],
+                [sys.executable, "-c", _HUB_SCRIPT, name],
                 cwd=ROOT,
                 env=env,
                 text=True,
@@ -320,6 +327,19 @@ def test_hub_unreachable_fails_fast_with_the_hint(hub_attempts, key: str) -> Non
     assert "\n" not in msg
     assert msg.startswith("--model resnet18: pretrained weights for resnet18.a1_in1k cannot be fetched")
     assert "pass --pretrained_path FILE" in msg
+    assert elapsed < 20, f"took {elapsed:.1f} s to give up on the hub"
+
+
+@pytest.mark.parametrize("key", ["stack_offline", "stack_no_network"])
+def test_stack_hub_unreachable_fails_fast_with_the_hint(hub_attempts, key: str) -> None:
+    proc, elapsed = hub_attempts[key]
+    assert proc.returncode == 3, f"rc {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    msg = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "\n" not in msg
+    assert msg.startswith("--model stack:resnet18+convnext_atto: pretrained weights for resnet18.a1_in1k cannot be "
+                          "fetched")
+    assert msg.endswith("pass --pretrained_path FILE (for a stack: one file per backbone joined by '+', or a "
+                        "checkpoint of the whole stack)")
     assert elapsed < 20, f"took {elapsed:.1f} s to give up on the hub"
 
 
@@ -366,3 +386,232 @@ def test_model_data_config(name: str, mean: tuple, std: tuple) -> None:
     assert len(cfg["input_size"]) == 3
 
 
+
+
+# ----------------------------------------------------------------------------------------------- stacked models
+STACK = "stack:test_resnet+test_vit"  # 96 + 64 pooled features
+
+
+def _stack(name: str = STACK, num_classes: int = 4, seed: int = 0, **kwargs) -> StackedModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_model(name, num_classes=num_classes, **kwargs).eval()
+
+
+def test_stack_names_resolve_part_by_part() -> None:
+    assert stack_parts("resnet18") is None
+    assert stack_parts(STACK) == ["test_resnet", "test_vit"]
+    assert resolve_model_name(STACK) == STACK
+    assert resolve_model_name("stack:convnext_atto+test_vit") == "stack:convnext_atto.d2_in1k+test_vit"
+    assert resolve_model_name("stack:resnet18.a1_in1k+eva02_base+test_vit") == (
+        f"stack:resnet18.a1_in1k+{MODELS['eva02_base']}+test_vit"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("stack:resnet18+nope", "part 'nope': not a timm model"),
+        ("stack:resnet_18x+test_vit", "part 'resnet_18x': not a timm model; did you mean resnet18, "),
+        ("stack:resnet18.bogus+test_vit", "part 'resnet18.bogus': resnet18 has no pretrained tag 'bogus'; did you "),
+        ("stack:resnet18", "a stack needs two or more model names joined by '+' (stack:NAME+NAME)"),
+        ("stack:resnet18++test_vit", "a stack needs two or more model names joined by '+'"),
+        ("stack:", "a stack needs two or more model names joined by '+'"),
+    ],
+)
+def test_stack_bad_names_name_the_part(name: str, message: str) -> None:
+    with pytest.raises(ModelError) as info:
+        resolve_model_name(name)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"--model {name!r}: {message}")
+    with pytest.raises(ModelError, match=re.escape(message)):  # before anything is built
+        create_model(name, num_classes=3)
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_stack_forward_shapes_and_concatenated_features() -> None:
+    m = _stack()
+    assert isinstance(m, StackedModel)
+    resnet, vit = m.backbones
+    assert (resnet.num_features, vit.num_features, m.num_features) == (96, 64, 160)
+    head = m.get_classifier()
+    assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (160, 4)
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = m.forward_features(x)
+        # The ResNet's 1x1 map, the ViT's tokens: its class token and 2x2 patches of 16 px.
+        assert [tuple(f.shape) for f in features] == [(3, 96, 1, 1), (3, 5, 64)]
+        pooled = m.forward_head(features, pre_logits=True)
+        alone = [b.forward_head(b.forward_features(x), pre_logits=True) for b in m.backbones]
+        assert [tuple(a.shape) for a in alone] == [(3, 96), (3, 64)]
+        assert torch.equal(pooled, torch.cat(alone, 1))  # each backbone's own pooled features, in order
+        logits = m(x)
+        assert logits.shape == (3, 4) and torch.equal(logits, head(pooled))
+        # Any input size, not only the ViT's native 160 px (its position grid is resampled): the trainer's resize.
+        assert m(torch.randn(2, 3, 48, 64)).shape == (2, 4)
+
+
+def test_stack_drop_rates() -> None:
+    m = _stack(drop_rate=0.3, drop_path_rate=0.2)
+    resnet, vit = m.backbones
+    # Dropout before the shared classifier, once: none in the backbones' own (unused) heads.
+    assert m.drop_rate == 0.3 and m.head_drop.p == 0.3
+    assert resnet.drop_rate == 0 and vit.head_drop.p == 0
+    # Stochastic depth in both, rising to the rate at the last block.
+    assert vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert max(d.drop_prob for d in resnet.modules() if isinstance(d, timm.layers.DropPath)) == pytest.approx(0.2)
+    with torch.device("meta"), pytest.raises(ModelError, match=r"^--drop_path: dla34 does not take a stochastic"):
+        create_model("stack:test_vit+dla34", num_classes=3, drop_path_rate=0.1)
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_stack_classifier_reset() -> None:
+    m = _stack()
+    x = torch.randn(2, 3, 32, 32)
+    m.reset_classifier(7)
+    assert m.num_classes == 7 and m.get_classifier().out_features == 7 and m.get_classifier().in_features == 160
+    with torch.no_grad():
+        assert m(x).shape == (2, 7)
+        m.reset_classifier(0)  # no classifier: the model returns its pooled features
+        assert list(m.get_classifier().parameters()) == []
+        assert torch.equal(m(x), m.forward_head(m.forward_features(x), pre_logits=True))
+        assert m(x).shape == (2, 160)
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(3, "max")
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_stack_normalization_is_the_first_backbones_and_the_others_adapt() -> None:
+    """test_efficientnet is pretrained with ImageNet's mean/std, test_vit with 0.5: the stack takes the first's and
+    each backbone still sees the image normalized as its own weights expect."""
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32)
+
+    def normalize(cfg: dict) -> torch.Tensor:
+        return (image - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+    for name, expected in [
+        ("stack:test_efficientnet+test_vit", IMAGENET_DEFAULT_MEAN),
+        ("stack:test_vit+test_efficientnet", (0.5, 0.5, 0.5)),
+    ]:
+        m = _stack(name, num_classes=3)
+        cfg = model_data_config(m)
+        assert cfg["mean"] == pytest.approx(expected) and cfg["input_size"] == (3, 160, 160)
+        with torch.no_grad():
+            features = m.forward_features(normalize(cfg))
+            for b, f in zip(m.backbones, features, strict=True):
+                torch.testing.assert_close(f, b.forward_features(normalize(b.pretrained_cfg)), atol=1e-5, rtol=1e-5)
+    assert not any(".renorm" in k or "scale" in k for k in _stack("stack:test_efficientnet+test_vit").state_dict())
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_stack_state_dict_round_trip(tmp_path: Path) -> None:
+    m, other = _stack(seed=0), _stack(seed=1)
+    state = m.state_dict()
+    for i, b in enumerate(m.backbones):
+        assert {k for k in state if k.startswith(f"backbones.{i}.")} == {f"backbones.{i}.{k}" for k in b.state_dict()}
+    assert {k for k in state if not k.startswith("backbones.")} == {"head.weight", "head.bias"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(m(x), other(x))
+        torch.save(state, tmp_path / "stack.pth")
+        other.load_state_dict(torch.load(tmp_path / "stack.pth", weights_only=True))  # strict
+        assert torch.equal(m(x), other(x))
+
+
+def test_stack_optimizer_skips_decay_on_norms_biases_and_embeddings() -> None:
+    m = _stack()
+    optimizer = train.create_optimizer("adamw", m, 1e-3, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {0.0, 0.05} and groups[0.0] | groups[0.05] == set(names.values())
+    no_decay = {n for n, p in m.named_parameters() if p.ndim <= 1} | {"backbones.1.pos_embed", "backbones.1.cls_token"}
+    assert groups[0.0] == no_decay
+    assert {"head.weight", "backbones.0.conv1.0.weight", "backbones.1.patch_embed.proj.weight"} <= groups[0.05]
+
+
+@pytest.mark.usefixtures("restore_torch_rng")
+def test_stack_precision_channels_last_and_helpers() -> None:
+    plain, depthwise = _stack(), _stack("stack:test_resnet+test_efficientnet")
+    assert not has_depthwise_conv(plain) and has_depthwise_conv(depthwise)
+    cpu = torch.device("cpu")
+    assert train.resolve_amp("auto", cpu, depthwise) is None  # depthwise convolutions with batch norm: fp32 on CPUs
+    assert train.resolve_amp("auto", cpu, plain) == (torch.bfloat16 if train.cpu_has_native_bf16() else None)
+    assert count_parameters(plain) == sum(count_parameters(b) for b in plain.backbones) + 160 * 4 + 4
+    # One training step as the trainer runs it: channels_last, bf16 autocast; every weight gets a gradient.
+    plain.train().to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with train.autocast(cpu, torch.bfloat16):
+        out = plain(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 4)
+    F.cross_entropy(out.float(), torch.arange(4)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in plain.parameters())
+
+
+def _saved_stack(path: Path, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A trainer-style checkpoint of a seeded 4-class STACK at ``path``; its state dict."""
+    state = {k: v.clone() for k, v in _stack(seed=seed).state_dict().items()}
+    torch.save({"epoch": 0, "model": state, "model_name": STACK, "num_classes": 4, "img_size": [32, 32]}, path)
+    return state
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "state_dict"])
+def test_stack_pretrained_path_whole_stack(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "stack.pth"
+    state = _saved_stack(path)
+    if kind == "state_dict":
+        torch.save(state, path)
+    same = create_model(STACK, num_classes=4, pretrained_path=str(path))
+    assert all(torch.equal(v, state[k]) for k, v in same.state_dict().items())
+    six = create_model(STACK, num_classes=6, pretrained_path=str(path)).state_dict()  # another class count
+    assert all(torch.equal(six[k], v) for k, v in state.items() if not k.startswith("head."))
+    assert six["head.weight"].shape == (6, 160)
+
+
+def test_stack_pretrained_path_one_file_per_backbone(source_weights, tmp_path: Path, monkeypatch) -> None:
+    resnet_state, folder = source_weights
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        vit_state = timm.create_model("test_vit").state_dict()
+    safetensors.torch.save_file(vit_state, str(tmp_path / "vit.safetensors"))
+    files = f"{folder / 'weights.pth'}+{tmp_path / 'vit.safetensors'}"
+    monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: pytest.fail("hub contacted"))
+    m = create_model(STACK, num_classes=4, pretrained=True, pretrained_path=files)  # the files win over the hub
+    for backbone, source, head in zip(m.backbones, (resnet_state, vit_state), ("fc.", "head."), strict=True):
+        own = backbone.state_dict()
+        assert set(own) == {k for k in source if not k.startswith(head)}
+        assert all(torch.equal(v, source[k]) for k, v in own.items())
+    assert m.get_classifier().out_features == 4
+
+
+def test_stack_pretrained_path_errors(source_weights, tmp_path: Path) -> None:
+    _, folder = source_weights
+    resnet = folder / "weights.pth"
+    vit = tmp_path / "vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), vit)
+    missing = tmp_path / "missing.pth"
+    cases = [
+        (f"{resnet}+{vit}+{vit}", f"--pretrained_path {resnet}+{vit}+{vit}: 3 files for a stack of 2 backbones"),
+        (f"{resnet}+{missing}", f"--pretrained_path {missing}: file not found"),
+        (str(missing), f"--pretrained_path {missing}: file not found"),
+        (f"{vit}+{resnet}", f"--pretrained_path {vit}: cannot load into test_resnet ("),  # the wrong order
+        (str(resnet), f"--pretrained_path {resnet}: cannot load into {STACK} ("),  # one backbone is not the stack
+    ]
+    for value, message in cases:
+        with pytest.raises(ModelError) as info:
+            create_model(STACK, num_classes=4, pretrained_path=value)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value), value
+
+
+def test_stack_of_registry_backbones() -> None:
+    """The competition's pair: ConvNeXt (ImageNet mean/std, 384 px) and EVA-02 (CLIP mean/std, 448 px)."""
+    m = _meta_model("stack:convnext_base+eva02_base", 7)
+    convnext, eva = m.backbones
+    assert m.num_features == convnext.num_features + eva.num_features == 1024 + 768
+    cfg = model_data_config(m)
+    assert cfg["input_size"] == (3, 384, 384) and cfg["mean"] == pytest.approx(IMAGENET_DEFAULT_MEAN)
+    assert has_depthwise_conv(m)
+    with torch.no_grad():  # 336 px: neither backbone's native size
+        assert m(torch.empty(2, 3, 336, 336, device="meta")).shape == (2, 7)

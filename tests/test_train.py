@@ -165,6 +165,14 @@ def _lr_factor(t, update):
     return t.scheduler.lr_lambdas[0](update)
 
 
+def _trained(t) -> set[str]:
+    """Names of the parameters the optimizer updates (all of them require gradients, none of the others do)."""
+    in_optimizer = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    names = {n for n, p in t.model.named_parameters() if id(p) in in_optimizer}
+    assert names == {n for n, p in t.model.named_parameters() if p.requires_grad}
+    return names
+
+
 FLAG_CHECKS = {
     "model": (["--model", "test_vit"], lambda t: type(t.model).__name__ == "VisionTransformer"),
     "drop_rate": (["--drop_rate", "0.3"], lambda t: t.model.drop_rate == 0.3),
@@ -199,6 +207,13 @@ FLAG_CHECKS = {
     "amp": (["--amp", "none"], lambda t: t.amp_dtype is None and not t.scaler.is_enabled()),
     "channels_last": (["--no-channels_last"], lambda t: all(p.is_contiguous() for p in t.model.parameters())),
     "ema_decay": (["--ema_decay", "0.99"], lambda t: t.ema is not None and t.ema.decay == 0.99),
+    # Frozen backbone (features.py): the optimizer holds the trainable parameters alone.
+    "freeze_backbone": (["--freeze_backbone"], lambda t: _trained(t) == {"fc.weight", "fc.bias"}),
+    "unfreeze_blocks": (["--freeze_backbone", "--unfreeze_blocks", "1"],
+                        lambda t: {n.split(".")[0] for n in _trained(t)} == {"layer4", "fc"}),
+    "head": (["--head", "mlp", "--drop_rate", "0.2"],
+             lambda t: [type(m).__name__ for m in t.model.get_classifier()] == ["Linear", "GELU", "Dropout", "Linear"]
+             and t.model.get_classifier()[2].p == 0.2),
 }
 FLAG_CHECKS["accumulation_steps"] = FLAG_CHECKS["batch_size"]
 FLAG_CHECKS["resize_width"] = FLAG_CHECKS["resize_height"]
@@ -215,6 +230,7 @@ CHECKED_ELSEWHERE = {
     "tta", "snapshots", "group_duplicates", "relabel_csv", "pseudo_labels", "pseudo_threshold",  # test_main.py
     "balance",  # test_balance_reaches_the_sampler below
     "config",  # test_config.py
+    "feature_views", "feature_cache",  # test_features.py, end to end
 }
 
 
