@@ -135,8 +135,8 @@ def load_ingredient(path: Path) -> Ingredient:
         raise DataError(f"{path}: not a checkpoint of this suite (no {', '.join(missing)})")
     # The weights the checkpoint predicts with (its EMA's where those validated better): those go in the soup.
     ckpt["model"] = state = prediction_state(ckpt)
-    ckpt.pop("ema", None)
-    ckpt["predict_with"] = "model"
+    if "ema" in ckpt:
+        ckpt["ema"], ckpt["predict_with"] = None, "model"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{path}: its 'model' entry is not a state dict of tensors")
     ckpt.pop("optimizer", None)
@@ -461,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         ckpt = load_checkpoint(base.path)  # the base again, with the optimizer state left out of memory until now
-        ckpt["model"], ckpt["predict_with"] = state, "model"
-        ckpt.pop("ema", None)
+        ckpt["model"] = state
+        if "ema" in ckpt:  # the soup is this checkpoint's model now, whichever weights it predicted with before
+            ckpt["ema"], ckpt["predict_with"] = None, "model"
         save_checkpoint(ckpt, args.output)
         write_json(recipe, args.output.with_suffix(".json"))
     except WriteError as e:
