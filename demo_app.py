@@ -95,8 +95,8 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     """
     from augmentation import create_transform
     from dataset import DataError
-    from model import create_model
-    from train import load_checkpoint, prediction_state, resolve_amp, resolve_device
+    from inference import load_model
+    from train import resolve_amp, resolve_device
 
     run_dir = Path(run_dir)
     checkpoints = run_checkpoints(run_dir, fold)
@@ -106,13 +106,7 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     members, class_names, model_name = [], None, ""
     for path in checkpoints:
-        try:
-            ckpt = load_checkpoint(path)
-            model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
-            model.load_state_dict(prediction_state(ckpt))
-        except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
-            raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+        model, ckpt = load_model(path)
         names = [str(n) for n in ckpt["class_names"]]
         if class_names is not None and names != class_names:
             raise DataError(f"{path}: its classes differ from those of {checkpoints[0]}")

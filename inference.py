@@ -154,6 +154,23 @@ def run_checkpoints(save_dir: Path) -> list[list[Path]]:
     return groups
 
 
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The model a checkpoint of this suite predicts with (its head, and its EMA or own weights as it chose), with
+    the checkpoint; anything else is a DataError naming the file."""
+    from dataset import DataError
+    from model import create_model
+    from train import load_checkpoint, prediction_state
+
+    try:
+        ckpt = load_checkpoint(path)
+        model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
+        model.load_state_dict(prediction_state(ckpt))
+    except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
+        raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+    return model, ckpt
+
+
 def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_size: int, num_workers: int,
                         device: torch.device, amp: str, channels_last: bool = True, tta: str = "none") -> np.ndarray:
     """Mean softmax probabilities over ``checkpoints`` for the test Table ``test`` (groups of checkpoints, as from
@@ -163,18 +180,11 @@ def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_
     checkpoints = [c for g in groups for c in g]
     from augmentation import create_transform
     from dataset import DataError, ImageDataset
-    from model import create_model
-    from train import _loader, load_checkpoint, prediction_state, resolve_amp
+    from train import _loader, resolve_amp
 
     total = None
     for path, weight in zip(checkpoints, weights, strict=True):
-        try:
-            ckpt = load_checkpoint(path)
-            model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
-            model.load_state_dict(prediction_state(ckpt))
-        except Exception as e:  # foreign, damaged or unsafe files: name the file, never a traceback
-            raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
+        model, ckpt = load_model(path)
         if total is not None and ckpt["num_classes"] != total.shape[1]:
             raise DataError(f"{path}: {ckpt['num_classes']} classes, but {checkpoints[0]} has {total.shape[1]}")
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
