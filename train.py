@@ -8,6 +8,9 @@ A run folder (``--save_dir``) holds everything needed to continue or use the run
     fold_<i>/best.pth      the same at the best validation epoch
     fold_<i>/metrics.csv   one row per epoch (TensorBoard events beside it, or under --log_dir)
     fold_<i>/val_probs.npy, test_probs.npy, done.json   the fold's predictions, written once it is finished
+    fold_<i>/snapshot_<epoch>.pth   with --snapshots K: the K best epochs' weights the fold predicts with
+    features/<key>/        with a frozen, cached backbone: every image's pooled features (features.py)
+    plots/                 curves.png, confusion.png, per_class_accuracy.png (plots.py)
     oof.csv, oof_probs.npy out-of-fold predictions for every validated training image
     test_probs.csv         test probabilities averaged over the folds (ID,image_path,prob_0..)
     submission.csv         ID,image_path,target in test.csv's order
@@ -686,7 +689,7 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                 keep = snapshot_epochs(history, args.snapshots, MONITORS[args.monitor])
                 if epoch in keep:  # before last.pth: a kill in between replays this epoch and rewrites it
                     weights = (model if predict_with == "model" else ema.module).state_dict()
-                    save_checkpoint({"epoch": epoch, "score": score, "model": weights,
+                    save_checkpoint({"epoch": epoch, "fold": fold, "score": score, "model": weights,
                                      **_model_meta(args, table, img_size, norm)},
                                     fold_dir / f"snapshot_{epoch:03d}.pth")
                 state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),

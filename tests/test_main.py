@@ -444,6 +444,7 @@ def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
     folds = pd.read_csv(run / "folds.csv")
     rows = folds[folds["fold"] == 0]
     ckpts = [train.load_checkpoint(run / "fold_0" / f"snapshot_{e:03d}.pth") for e in top]
+    assert [c["fold"] for c in ckpts] == [0, 0] and [c["epoch"] for c in ckpts] == top  # soup.py checks the fold
     size = tuple(ckpts[0]["img_size"])
     ds = ImageDataset([str(tiny_data / "train" / p) for p in rows["image_path"]], None,
                       create_transform(size, False, **ckpts[0]["data_config"]), size)
