@@ -23,9 +23,12 @@ module gives the trainer that recipe (flags in main.py's "frozen backbone" group
 
 :func:`head_on_features` swaps a fold's loaders, network and EMA for their cached-feature counterparts; the
 trainer's own epoch loop (optimizer, schedule, loss, accumulation, early stopping, EMA, snapshots, checkpoints,
-metrics) then runs unchanged, and its checkpoints hold the full model's state dict (frozen backbone plus the trained
-head, and ``head`` naming its kind), so whatever rebuilds a model with ``model.create_model(..., head=ckpt["head"])``
-predicts with them as with any other.
+metrics) then runs unchanged. The frozen weights are written once, as ``features/<key>/backbone.pth``; each epoch's
+``last.pth`` holds the trained head alone with ``backbone`` naming that file (a few kB instead of the whole model,
+which dominated a head epoch's time), and ``train.load_checkpoint`` merges the two. When the fold is finished its
+``best.pth`` and snapshot checkpoints are written whole (frozen backbone plus the trained head, and ``head`` naming
+its kind), so whatever rebuilds a model with ``model.create_model(..., head=ckpt["head"])`` predicts with them as
+with any other, wherever they are copied.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from seed import derive_seed
 _logger = logging.getLogger(__name__)
 
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+BACKBONE = "backbone.pth"  # the frozen model's state dict, beside its features
 _VIEW_SEED = 0xFEA7  # keeps the augmented views' seeds apart from every other seed derived from --seed
 
 
@@ -295,9 +299,10 @@ def _load(path: Path, rows: int) -> np.ndarray | None:
 def cached_features(args: argparse.Namespace, t: argparse.Namespace, pool_paths: list[str], test: Table,
                     run_dir: Path, device: torch.device,
                     caches: tuple[ImageCache | None, ImageCache | None] = (None, None),
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, Path]:
     """The pool's features (K, N, D) (training images, then any pseudo-labelled ones) and the test images' (T, D),
-    read from ``run_dir/features/<key>/`` or extracted there first, one atomically written file per view."""
+    read from ``run_dir/features/<key>/`` or extracted there first, one atomically written file per view; and the
+    backbone file beside them (:data:`BACKBONE`), written once, which the head's checkpoints refer to."""
     model, img_size, norm = t.model, t.img_size, t.norm
     settings = {"model": args.model, "img_size": list(img_size), "norm": norm,
                 "aug": args.aug, "seed": args.seed, "precision": str(t.amp_dtype),
@@ -307,6 +312,8 @@ def cached_features(args: argparse.Namespace, t: argparse.Namespace, pool_paths:
     folder = Path(run_dir) / "features" / backbone_key(model, settings)
     for stale in folder.glob(".*.tmp"):  # a write that a kill cut short; its file is extracted again below
         stale.unlink()
+    if not (folder / BACKBONE).exists():  # the frozen weights, once, instead of in every epoch's checkpoint
+        train.save_checkpoint(model.state_dict(), folder / BACKBONE)
     train_cache, test_cache = caches
     jobs = [(f"pool_v{k}.npy", k) for k in range(args.feature_views)] + [("test.npy", None)]
     arrays, extracted = {}, []
@@ -337,21 +344,22 @@ def cached_features(args: argparse.Namespace, t: argparse.Namespace, pool_paths:
         _logger.info("features: reusing %s (%d view(s) of %d images, %d test images)", folder, args.feature_views,
                      len(pool_paths), len(test.paths))
     pool = np.stack([arrays[f"pool_v{k}.npy"] for k in range(args.feature_views)])
-    return pool, arrays["test.npy"]
+    return pool, arrays["test.npy"], folder / BACKBONE
 
 
 # ----------------------------------------------------------------------------------------------- one fold
 def head_on_features(args: argparse.Namespace, t: argparse.Namespace, ema, loaders: argparse.Namespace,
                      table: Table, folds: np.ndarray, fold: int, test: Table, run_dir: Path, device: torch.device,
                      caches: tuple[ImageCache | None, ImageCache | None] = (None, None),
-                     pseudo: Table | None = None) -> tuple[nn.Module, object, argparse.Namespace]:
+                     pseudo: Table | None = None) -> tuple[nn.Module, object, argparse.Namespace, Path]:
     """The network, EMA and loaders a fold trains with on cached features, in place of the pixel ones: the model's
-    head on features, an EMA of the head alone, and loaders of the fold's features (``train`` in the order of the
-    pixel loaders' SeededSampler, ``val`` and ``test()`` from view 0). Call it once the model holds the weights
-    the fold starts from (a resumed fold's checkpoint loaded)."""
+    head on features, an EMA of the head alone, loaders of the fold's features (``train`` in the order of the
+    pixel loaders' SeededSampler, ``val`` and ``test()`` from view 0), and the backbone file the fold's checkpoints
+    refer to (see :func:`head_state`). Call it once the model holds the weights the fold starts from (a resumed
+    fold's checkpoint loaded)."""
     model = t.model
     pool_paths = list(table.paths) + ([] if pseudo is None else list(pseudo.paths))
-    pool, test_feats = cached_features(args, t, pool_paths, test, run_dir, device, caches)
+    pool, test_feats, backbone = cached_features(args, t, pool_paths, test, run_dir, device, caches)
     pool, test_feats = torch.from_numpy(pool).to(device), torch.from_numpy(test_feats)[None].to(device)
     split = train.training_split(args, table, folds, fold, pseudo)
     val_idx = np.flatnonzero(folds == fold)
@@ -369,4 +377,14 @@ def head_on_features(args: argparse.Namespace, t: argparse.Namespace, ema, loade
         t.ema = None  # the full model's copy is not needed any more
     _logger.info("fold %d: the head trains on cached features (%d view(s), %d wide)", fold, pool.shape[0],
                  pool.shape[2])
-    return net, ema, feature_loaders
+    return net, ema, feature_loaders, backbone
+
+
+def head_state(model: nn.Module, state: dict) -> dict:
+    """The entries of the full model's ``state`` that a cached-feature fold trains: the classifier's.
+
+    Everything else is the frozen backbone, the same at every epoch, so each epoch's checkpoint holds these entries
+    with ``backbone`` naming the backbone file (relative to the checkpoint's folder); ``train.load_checkpoint``
+    merges the two, and a finished fold's best and snapshot checkpoints are written whole again."""
+    prefix = classifier_name(model) + "."
+    return {k: v for k, v in state.items() if k.startswith(prefix)}

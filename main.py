@@ -183,8 +183,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                               "they replace the defaults, and flags on the command line override them (default: none)")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     runtime.add_argument("--amp", default="auto", choices=AMP_MODES,
-                         help="mixed precision: auto = bf16 where native (fp16 + scaler on older GPUs), fp32 on "
-                              "CPUs without bf16 and for depthwise nets on the CPU (default: auto)")
+                         help="mixed precision: auto = bf16 where it is faster (fp16 + scaler on older GPUs), "
+                              "fp32 on CPUs where bf16 is not and for depthwise nets on the CPU (default: auto)")
     runtime.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                          help="NHWC memory format (default: on)")
     runtime.add_argument("--compile", action="store_true",

@@ -4,7 +4,8 @@ A run folder (``--save_dir``) holds everything needed to continue or use the run
 
     args.json              the resolved arguments
     folds.csv              image_path,target,fold of every training image (fold -1: never validated)
-    fold_<i>/last.pth      the whole training state after the latest epoch (atomic)
+    fold_<i>/last.pth      the whole training state after the latest epoch (atomic; with cached features the
+                           frozen backbone is features/<key>/backbone.pth, which it names)
     fold_<i>/best.pth      the same at the best validation epoch
     fold_<i>/metrics.csv   one row per epoch (TensorBoard events beside it, or under --log_dir)
     fold_<i>/val_probs.npy, test_probs.npy, done.json   the fold's predictions, written once it is finished
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -178,20 +180,35 @@ def _gather(x: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:total].cpu()
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_bf16_is_fast(cpuinfo: str | None = None) -> bool:
+    """True where bf16 convolutions and matrix products beat fp32 on this CPU (``cpuinfo``: /proc/cpuinfo's text).
+
+    Measured (oneDNN, 224 px, batch 32, training and prediction): Intel CPUs with AMX, and AMD CPUs with
+    AVX512-BF16 (Zen 4 and later, whose fp32 AVX-512 runs at half width) compute bf16 2-3x faster than fp32; Intel
+    CPUs with AVX512-BF16 but without AMX compute it 1.1-1.6x slower (resnet18, convnext_atto), and CPUs without
+    either emulate bf16.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    fields = {}
+    for line in cpuinfo.splitlines():  # the first processor's entry is every processor's
+        key, _, value = line.partition(":")
+        if not key.strip() and fields:
+            break
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and fields.get("vendor_id") == "AuthenticAMD")
 
 
 def resolve_amp(amp: str, device: torch.device, model: torch.nn.Module | None = None) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on ``device`` (None: full fp32). The one place precision is decided.
 
-    ``auto``: bf16 on CUDA where supported, else fp16 (with a gradient scaler); on the CPU bf16 where it is native,
-    except for depthwise-convolution nets with batch norm (EfficientNet, MobileNet), which run faster in fp32 there.
+    ``auto``: bf16 on CUDA where supported, else fp16 (with a gradient scaler); on the CPU bf16 where it is faster
+    than fp32 (:func:`cpu_bf16_is_fast`), except for depthwise-convolution nets with batch norm (EfficientNet,
+    MobileNet), which run faster in fp32 there too.
     """
     if amp == "none":
         return None
@@ -204,7 +221,7 @@ def resolve_amp(amp: str, device: torch.device, model: torch.nn.Module | None = 
     if device.type == "cuda":
         # Emulated bf16 (pre-Ampere: T4, P100, V100) is slow: those get fp16 with a gradient scaler.
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_bf16_is_fast():
         if model is not None and has_depthwise_conv(model) and any(
             isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
         ):
@@ -284,8 +301,20 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code from the file."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code from the file.
+
+    A head-only checkpoint of a frozen backbone (``backbone``: its weights' file, relative to this one's folder;
+    see features.py) comes back whole: the backbone's state dict with the head's entries in place."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("backbone"), str):
+        base_path = Path(os.path.normpath(Path(path).parent / ckpt.pop("backbone")))
+        if not base_path.is_file():
+            raise FileNotFoundError(f"its frozen backbone {base_path} is missing")
+        base = torch.load(base_path, map_location="cpu", weights_only=True)
+        for key in ("model", "ema"):
+            if ckpt.get(key) is not None:
+                ckpt[key] = {**base, **ckpt[key]}  # the backbone's key order, the head's values
+    return ckpt
 
 
 def _resumable_checkpoint(fold_dir: Path) -> tuple[dict, str] | tuple[None, None]:
@@ -304,7 +333,9 @@ def _resumable_checkpoint(fold_dir: Path) -> tuple[dict, str] | tuple[None, None
             if not isinstance(ckpt, dict) or "epoch" not in ckpt or "model" not in ckpt:
                 raise ValueError("not a training checkpoint of this suite")
         except Exception as e:  # truncated, corrupt or foreign files all mean: not resumable from here
-            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'corrupt'}")
+            reason = str(e).splitlines()[0] if str(e) else "corrupt"
+            # A missing file's name is the point of its message; anything else is cut short.
+            errors.append(f"{name}: {type(e).__name__}: {reason if isinstance(e, FileNotFoundError) else reason[:120]}")
             _logger.warning("%s: unreadable checkpoint (%s)", path, errors[-1])
             continue
         if errors:
@@ -542,8 +573,9 @@ def build_loaders(args: argparse.Namespace, t: argparse.Namespace, table: Table,
                   test: Table, device: torch.device,
                   caches: tuple[ImageCache | None, ImageCache | None] = (None, None),
                   pseudo: Table | None = None) -> argparse.Namespace:
-    """The fold's loaders: ``train`` (shuffled by ``sampler``, sharded under DDP), ``val``, and ``test()`` (made when
-    called, once the fold is trained). Training and validation workers live as long as the fold."""
+    """The fold's loaders: ``train`` (shuffled by ``sampler``, sharded under DDP), ``val``, and ``test()`` (made at the
+    first call, once the fold is trained). Their workers live as long as the fold: a new pass (an epoch, a snapshot's
+    test prediction) forks no processes and copies none of this process's memory."""
     rank, world = rank_world()
     split = training_split(args, table, folds, fold, pseudo)
     val_idx = np.flatnonzero(folds == fold)
@@ -558,8 +590,8 @@ def build_loaders(args: argparse.Namespace, t: argparse.Namespace, table: Table,
         train=_loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
                       persistent=True),
         val=_loader(val_ds, args.eval_batch_size, args.num_workers, device, persistent=True),
-        test=lambda: _loader(ImageDataset(test.paths, None, t.eval_transform, t.img_size, test_cache),
-                             args.eval_batch_size, args.num_workers, device),
+        test=functools.cache(lambda: _loader(ImageDataset(test.paths, None, t.eval_transform, t.img_size, test_cache),
+                                             args.eval_batch_size, args.num_workers, device, persistent=True)),
     )
 
 
@@ -639,12 +671,20 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                      ckpt["epoch"] + 1, updates, args.monitor, early.best, early.best_epoch + 1)
         if main_process:
             _write_metrics(history, fold_dir)
+    backbone = None  # with cached features: the frozen weights' file, which checkpoints refer to
     if features.cache_on(args, world):  # a frozen backbone: the head trains on features extracted once per run
-        net, ema, loaders = features.head_on_features(args, t, ema, loaders, table, folds, fold, test, run_dir,
-                                                      device, caches, pseudo)
+        net, ema, loaders, backbone = features.head_on_features(args, t, ema, loaders, table, folds, fold, test,
+                                                                run_dir, device, caches, pseudo)
         train_loader, val_loader = loaders.train, loaders.val
     else:
         net = wrap_model(model, args, device)
+
+    def weights(module: torch.nn.Module) -> dict:
+        # What a checkpoint stores of the model: its state dict, or only the trained head beside the backbone file.
+        state = module.state_dict()
+        return state if backbone is None else features.head_state(model, state)
+
+    refer = {} if backbone is None else {"backbone": os.path.relpath(backbone, fold_dir)}
 
     log_dir = str(Path(args.log_dir or run_dir) / f"fold_{fold}")
     writer = SummaryWriter(log_dir, purge_step=start_epoch) if main_process else None
@@ -688,16 +728,16 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
             if main_process:
                 keep = snapshot_epochs(history, args.snapshots, MONITORS[args.monitor])
                 if epoch in keep:  # before last.pth: a kill in between replays this epoch and rewrites it
-                    weights = (model if predict_with == "model" else ema.module).state_dict()
-                    save_checkpoint({"epoch": epoch, "fold": fold, "score": score, "model": weights,
-                                     **_model_meta(args, table, img_size, norm)},
+                    save_checkpoint({"epoch": epoch, "fold": fold, "score": score,
+                                     "model": weights(model if predict_with == "model" else ema.module),
+                                     **_model_meta(args, table, img_size, norm), **refer},
                                     fold_dir / f"snapshot_{epoch:03d}.pth")
-                state = {"epoch": epoch, "updates": updates, "model": model.state_dict(),
-                         "ema": None if ema is None else ema.module.state_dict(), "predict_with": predict_with,
+                state = {"epoch": epoch, "updates": updates, "model": weights(model),
+                         "ema": None if ema is None else weights(ema.module), "predict_with": predict_with,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "early_stopping": early.state_dict(), "rng": get_rng_state(),
                          "history": history, "fold": fold, **_model_meta(args, table, img_size, norm),
-                         "args": plain_args(args)}
+                         "args": plain_args(args), **refer}
                 # Killed between these two, best.pth lags behind last.pth's early-stopping state; resume repairs it.
                 save_checkpoint(state, last_path)
                 if improved:
@@ -732,22 +772,31 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     if args.snapshots > 1:  # a snapshot ensemble: the top epochs' weights, predictions averaged
         sources = [fold_dir / f"snapshot_{e:03d}.pth"
                    for e in sorted(snapshot_epochs(history, args.snapshots, MONITORS[args.monitor]))]
-    fill = inference.paper_fill(norm)
-    val_probs, test_probs = 0, 0
-    for source in sources:
+
+    def read(source: Path, into: torch.nn.Module | None = None) -> dict:
         try:
             ckpt = load_checkpoint(source)
-            model.load_state_dict(prediction_state(ckpt))
+            if into is not None:
+                into.load_state_dict(prediction_state(ckpt))
+            return ckpt
         except Exception as e:  # damaged after training: say which file, rather than a traceback
             raise DataError(f"{source}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
                             "this fold") from None
+
+    if backbone is not None and main_process:  # the files kept for prediction hold the whole model, as in any run
+        for source in {best_path, *sources}:
+            save_checkpoint(read(source), source)  # best.pth a file of its own now; last.pth stays as it is
+    fill = inference.paper_fill(norm)
+    val_probs, test_probs = 0, 0
+    for source in sources:
+        ckpt = read(source, into=model)
         _, probs = evaluate(net, val_loader, device, amp_dtype, args.channels_last, desc=f"fold {fold} oof",
                             tta=args.tta, fill=fill)
         val_probs = val_probs + probs / len(sources)
         logits, _ = inference.predict_logits(net, loaders.test(), device, amp_dtype, args.channels_last,
                                              desc=f"fold {fold} test", fault="test_step", tta=args.tta, fill=fill)
         test_probs = test_probs + torch.softmax(_gather(logits, len(test.paths), device), 1).numpy() / len(sources)
-    best = load_checkpoint(best_path) if len(sources) > 1 else ckpt
+    best = read(best_path) if len(sources) > 1 else ckpt
     if main_process:
         for name, arr in (("val_probs.npy", val_probs), ("test_probs.npy", test_probs)):
             with atomic_write(fold_dir / name, "wb") as f:

@@ -22,7 +22,8 @@ optimizer and schedule otherwise:
 Both run in this process through ``train.train_fold`` with the run's decoded-image cache, as ``train.run`` does; a
 fold is timed from its start to its done.json (feature extraction, every epoch with its checkpoint, the final
 predictions). Printed: fold 0's hold-out accuracy and test accuracy (``test_solution.csv``) for both, the fold and
-run times, the mean epoch time, and the ratios. The issue's target: within 1 point of accuracy, at least 20x faster.
+run times, the mean epoch time, and the ratios. The issue's target: the cached head's test accuracy at least the
+normal loop's minus 1 point, and the run at least 20x faster.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up: {run_ratio:.1f}x over the run, {pixels.seconds[0] / cached.seconds[0]:.1f}x over fold 0, "
           f"{epoch_ratio:.0f}x per epoch; accuracy (a) - (b): fold 0 hold-out {100 * val_gap:+.2f} points, "
           f"fold 0 test {100 * (cached.test_acc - pixels.test_acc):+.2f} points")
-    ok = run_ratio >= 20 and abs(cached.test_acc - pixels.test_acc) <= 0.01
-    print(f"target (test accuracy within 1 point, run at least 20x faster): {'met' if ok else 'not met'}")
+    ok = run_ratio >= 20 and cached.test_acc >= pixels.test_acc - 0.01
+    print(f"target (test accuracy reaching the normal loop's to within 1 point, run at least 20x faster): "
+          f"{'met' if ok else 'not met'}")
     return 0
 
 

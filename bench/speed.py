@@ -4,6 +4,7 @@
     python bench/speed.py --model resnet18 --size 64 --images 128 --epochs 2    # a quick check
     python bench/speed.py --size 224 --images 256 --upscale 500                 # decode cost of large JPEGs
     python bench/speed.py --model convnext_tiny --size 384 --batch_size 16 --device cuda
+    python bench/speed.py --amp bf16                                            # the precision auto did not pick
 
 In one process, on the same images (``shared/datasets/tuberlin40`` beside the repository) and the same model with
 random weights, it measures images per second for three loops:
@@ -13,7 +14,8 @@ random weights, it measures images per second for three loops:
 * suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``train._loader``, the
   decoded-image cache (``--cache``, main.py's default) and the training augmentation, built as ``train.train_fold``
   builds them (inference: ``inference.predict_logits`` with the eval transform at main.py's ``--eval_batch_size``,
-  twice the batch, over the test images' own cache, which the folds after the first reuse);
+  twice the batch, over the images' own cache, each epoch a pass of one evaluation loader, as a fold validates
+  each epoch and predicts the test images for each snapshot);
 * reference: the usual competition baseline: fp32, NCHW, ``cv2.imread`` + ``cv2.cvtColor`` of the full image,
   albumentations ``Resize + Normalize + ToTensorV2``, a standard ``DataLoader(shuffle=True)`` with as many workers,
   ``torch.optim.AdamW`` and ``F.cross_entropy`` (inference: the same data under ``torch.no_grad``).
@@ -290,10 +292,11 @@ def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) 
 
 
 def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
-    """``inference.predict_logits`` with the eval transform, its own cache and the suite's loader."""
+    """``inference.predict_logits`` with the eval transform, its own cache and the suite's evaluation loader, whose
+    workers live as long as a fold (``train.build_loaders``): each epoch is one validation pass."""
     loader = _loader(
         ImageDataset(paths, None, t.eval_transform, t.img_size, _cache(args, paths)), args.eval_batch_size,
-        args.num_workers, device
+        args.num_workers, device, persistent=True
     )
     result = Result()
     _start(device)
@@ -373,6 +376,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"the suite's decoded-image cache (default: main.py's, {defaults.cache})")
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="inference batch of all three loops (default: main.py's, twice --batch_size)")
+    parser.add_argument("--amp", default=defaults.amp, choices=["auto", "bf16", "none"],
+                        help=f"the suite's --amp, to measure the precision auto does not pick (default: main.py's, "
+                             f"{defaults.amp})")
     parser.add_argument("--compile", action="store_true", help="the suite's --compile (default: off)")
     parser.add_argument(
         "--upscale",
@@ -426,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--skip_image_check",
                 "--cache",
                 opts.cache,
+                "--amp",
+                opts.amp,
                 "--cache_dir",
                 str(Path(tmp) / "cache"),
                 *(["--eval_batch_size", str(opts.eval_batch_size)] if opts.eval_batch_size else []),

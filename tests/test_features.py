@@ -92,6 +92,19 @@ def test_cached_run_writes_every_artifact(cached_run, tiny_data, weights):
         assert not torch.equal(best["ema"]["fc.weight"], best["model"]["fc.weight"])
         # Only the head's moments in the optimizer: the backbone is not trained at all.
         assert sum(len(g["params"]) for g in best["optimizer"]["param_groups"]) == 2
+        # Each epoch's last.pth holds the head alone and names the backbone file; the finished fold's best.pth is
+        # whole on its own (a copy elsewhere predicts), and both load to the same full state.
+        raw_last = torch.load(fold_dir / "last.pth", weights_only=True)
+        raw_best = torch.load(fold_dir / "best.pth", weights_only=True)
+        (folder,) = (run / "features").iterdir()
+        assert raw_last["backbone"] == os.path.join("..", "features", folder.name, "backbone.pth")
+        assert sorted(raw_last["model"]) == sorted(raw_last["ema"]) == ["fc.bias", "fc.weight"]
+        assert "backbone" not in raw_best and list(raw_best["model"]) == list(initial)
+        assert not os.path.samefile(fold_dir / "best.pth", fold_dir / "last.pth")
+        last = train.load_checkpoint(fold_dir / "last.pth")
+        assert list(last["model"]) == list(initial) and "backbone" not in last
+        _backbone_equal(last["model"], weights)
+        assert (fold_dir / "last.pth").stat().st_size * 20 < (fold_dir / "best.pth").stat().st_size
     oof = pd.read_csv(run / "oof.csv")
     assert list(oof.columns) == ["image_path", "target", "fold", "pred"] and len(oof) == 48
     sub = pd.read_csv(run / "submission.csv")
@@ -105,7 +118,8 @@ def test_cached_run_writes_every_artifact(cached_run, tiny_data, weights):
 def test_features_are_extracted_once_per_run(cached_run):
     run, proc = cached_run
     (folder,) = (run / "features").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "pool_v0.npy", "pool_v1.npy", "test.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone.pth", "meta.json", "pool_v0.npy", "pool_v1.npy",
+                                                        "test.npy"]
     pool = [np.load(folder / f"pool_v{k}.npy") for k in (0, 1)]
     assert pool[0].shape == pool[1].shape == (48, 96) and np.load(folder / "test.npy").shape == (10, 96)
     assert not np.allclose(pool[0], pool[1])  # view 1: augmented images
@@ -150,6 +164,8 @@ KILLS = {  # crash point -> feature files the resumed run extracts
     "train_step:14": 0,  # fold 1's second epoch (3 steps an epoch): features done, fold 1 resumes after epoch 1
     "feature_step:2": 3,  # inside the first view's extraction: nothing written yet
     "write:pool_v1.npy:1": 2,  # view 1 written but not renamed: view 0 reused, the stray temporary file removed
+    "write:backbone.pth:1": 3,  # the frozen weights written but not renamed, before any features
+    "write:best.pth:1": 0,  # fold 0 trained, its best.pth being written whole: nothing trains again
 }
 
 
@@ -164,7 +180,7 @@ def test_killed_and_resumed_cached_run_is_identical(point, cached_run, tiny_data
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "submission.csv").exists()
     if point.startswith("write:"):
-        assert list((killed / "features").glob("*/.pool_v1.npy.*.tmp")), "the kill left no temporary file"
+        assert list(killed.rglob(f".{point.split(':')[1]}.*.tmp")), "the kill left no temporary file"
     resumed = run_cli("main.py", "--save_dir", killed, "--resume_training", "--output_dir", tmp_path / "out")
     assert resumed.stderr.count("extracted in") == KILLS[point]
     if point.startswith("train_step"):
@@ -175,7 +191,8 @@ def test_killed_and_resumed_cached_run_is_identical(point, cached_run, tiny_data
         pd.testing.assert_frame_equal(_metrics(killed, fold), _metrics(run, fold))
     (ours,), (theirs,) = (killed / "features").iterdir(), (run / "features").iterdir()
     assert ours.name == theirs.name
-    assert sorted(p.name for p in ours.iterdir()) == ["meta.json", "pool_v0.npy", "pool_v1.npy", "test.npy"]
+    assert sorted(p.name for p in ours.iterdir()) == ["backbone.pth", "meta.json", "pool_v0.npy", "pool_v1.npy",
+                                                      "test.npy"]
     for name in ("pool_v0.npy", "pool_v1.npy", "test.npy"):
         assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
 
@@ -370,3 +387,19 @@ def test_bad_frozen_flags_one_line_exit_2_nothing_written(case, tiny_data, tmp_p
     assert exit_info.value.code == 2 and err.strip().count("\n") == 0, err
     assert message in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_resume_without_the_backbone_file_names_it(tiny_data, weights, tmp_path):
+    """A head-only last.pth needs its backbone file: without it, resuming is one line naming that file."""
+    killed = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SKETCH_FAULT": "train_step:5"}
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, data_args(tiny_data)), *CACHED,
+                           "--pretrained_path", str(weights), "--save_dir", str(killed)], cwd=ROOT, env=env,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    (backbone,) = killed.glob("features/*/backbone.pth")
+    backbone.unlink()
+    resumed = run_cli("main.py", "--save_dir", killed, "--resume_training", check=False)
+    assert resumed.returncode == 2
+    (line,) = resumed.stderr.strip().splitlines()[-1:]
+    assert f"its frozen backbone {backbone} is missing" in line and "fold_0" in line

@@ -537,7 +537,7 @@ def test_stack_precision_channels_last_and_helpers() -> None:
     assert not has_depthwise_conv(plain) and has_depthwise_conv(depthwise)
     cpu = torch.device("cpu")
     assert train.resolve_amp("auto", cpu, depthwise) is None  # depthwise convolutions with batch norm: fp32 on CPUs
-    assert train.resolve_amp("auto", cpu, plain) == (torch.bfloat16 if train.cpu_has_native_bf16() else None)
+    assert train.resolve_amp("auto", cpu, plain) == (torch.bfloat16 if train.cpu_bf16_is_fast() else None)
     assert count_parameters(plain) == sum(count_parameters(b) for b in plain.backbones) + 160 * 4 + 4
     # One training step as the trainer runs it: channels_last, bf16 autocast; every weight gets a gradient.
     plain.train().to(memory_format=torch.channels_last)
