@@ -774,18 +774,19 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
                    for e in sorted(snapshot_epochs(history, args.snapshots, MONITORS[args.monitor]))]
 
     def read(source: Path, into: torch.nn.Module | None = None) -> dict:
+        # A checkpoint the fold predicts with (or its best one). A head-only one is written whole here, once, so the
+        # files kept hold the whole model as in any run (best.pth a file of its own then; last.pth stays small).
         try:
             ckpt = load_checkpoint(source)
             if into is not None:
                 into.load_state_dict(prediction_state(ckpt))
-            return ckpt
         except Exception as e:  # damaged after training: say which file, rather than a traceback
             raise DataError(f"{source}: unreadable checkpoint ({type(e).__name__}); delete {fold_dir} to retrain "
                             "this fold") from None
+        if backbone is not None and main_process:
+            save_checkpoint(ckpt, source)
+        return ckpt
 
-    if backbone is not None and main_process:  # the files kept for prediction hold the whole model, as in any run
-        for source in {best_path, *sources}:
-            save_checkpoint(read(source), source)  # best.pth a file of its own now; last.pth stays as it is
     fill = inference.paper_fill(norm)
     val_probs, test_probs = 0, 0
     for source in sources:
