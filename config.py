@@ -170,6 +170,14 @@ def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
     return values
 
 
+def check_values(values: dict[str, Any], parser: argparse.ArgumentParser, source: str | os.PathLike) -> dict[str, Any]:
+    """Saved arguments (a run's args.json) checked and converted flag by flag as a config file's would be; keys
+    that are no flag (recorded facts such as the world size) pass through. ConfigError names ``source`` and key."""
+    flags = settable_flags(parser)
+    return {key: _convert(key, value, flags[key], f"{source}: {key}") if key in flags else value
+            for key, value in values.items()}
+
+
 def _plain(value: Any) -> Any:
     """A YAML-safe version of a flag value: paths as text, numpy scalars as Python numbers."""
     if isinstance(value, os.PathLike):

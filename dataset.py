@@ -31,6 +31,9 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from errors import DataError
+from predictions import PredictionFileError, read_probs
+from runfiles import RunFiles
 from seed import derive_seed
 
 _logger = logging.getLogger(__name__)
@@ -39,10 +42,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 MAX_CLASSES = 1_000_000  # targets beyond this are refused as typos
 MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
 _MAX_LISTED = 8  # bad rows named in one error line before "... and N more"
-
-
-class DataError(ValueError):
-    """Bad input data: the message is one line naming the file and rows at fault."""
 
 
 @dataclass
@@ -543,22 +542,18 @@ def read_pseudo_labels(source: str | os.PathLike, test: Table, threshold: float,
     rows (from inference.py or ensemble_csv.py). Returns a Table of those images (they join every fold's training
     split, never a validation split).
     """
-    path = Path(source) / "test_probs.csv" if Path(source).is_dir() else Path(source)
+    path = RunFiles(source).test_probs if Path(source).is_dir() else Path(source)
     try:
-        df = pd.read_csv(path, dtype={"image_path": str}, keep_default_na=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--pseudo_labels {path}: not a readable CSV ({str(e).splitlines()[0][:120]})") from None
-    prob_cols = [c for c in df.columns if c.startswith("prob_")]
-    if "image_path" not in df.columns or not prob_cols:
-        raise DataError(f"--pseudo_labels {path}: needs columns image_path and prob_0..; found {list(df.columns)}")
-    if len(prob_cols) != len(class_names):
-        raise DataError(f"--pseudo_labels {path}: {len(prob_cols)} classes, the training data has {len(class_names)}")
-    if df["image_path"].tolist() != test.rel_paths:
-        raise DataError(f"--pseudo_labels {path}: its rows are not this test set's ({len(df)} vs "
+        keys, probs = read_probs(path)
+    except PredictionFileError as e:
+        raise DataError(f"--pseudo_labels {e}") from None
+    if probs.shape[1] != len(class_names):
+        raise DataError(f"--pseudo_labels {path}: {probs.shape[1]} classes, the training data has {len(class_names)}")
+    if keys["image_path"].tolist() != test.rel_paths:
+        raise DataError(f"--pseudo_labels {path}: its rows are not this test set's ({len(keys)} vs "
                         f"{len(test.rel_paths)} rows); predict these test images first")
-    probs = df[prob_cols].to_numpy(dtype=np.float64)
     keep = np.flatnonzero(probs.max(1) >= threshold)
-    _logger.info("pseudo-labels: %d of %d test images at probability >= %g (%s)", len(keep), len(df), threshold, path)
+    _logger.info("pseudo-labels: %d of %d test images at probability >= %g (%s)", len(keep), len(keys), threshold, path)
     return Table([test.paths[i] for i in keep], [test.rel_paths[i] for i in keep], probs[keep].argmax(1),
                  list(class_names), str(path))
 

@@ -5,18 +5,18 @@
     streamlit run demo_app.py -- --run_dir runs/x --fold 0      # one fold's model alone
     python demo_app.py --run_dir runs/x --image sketch.png      # the same prediction printed, without a browser
 
-The page predicts exactly as ``inference.py`` does: every finished fold's best.pth (last.pth for a fold that never
-improved), the image decoded by ``dataset.load_image`` (any mode to RGB on white, EXIF orientation, JPEG draft at
-the working size), the evaluation transform with the checkpoint's size and normalisation, the run's precision, and
-the folds' softmax averaged. Drawing needs the ``streamlit-drawable-canvas`` package (black strokes on white);
-without it the page offers the upload alone.
+The page predicts exactly as ``inference.py`` does: the checkpoints every finished fold predicted with (its
+best.pth, last.pth for a fold that never improved, or its snapshots with ``--snapshots``), the image decoded by
+``dataset.load_image`` (any mode to RGB on white, EXIF orientation, JPEG draft at the working size), the evaluation
+transform with the checkpoint's size and normalisation, the run's precision and test-time augmentation, and the
+softmax averaged over each fold's checkpoints, then over the folds. Drawing needs the ``streamlit-drawable-canvas``
+package (black strokes on white); without it the page offers the upload alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -26,7 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+import runfiles
+from augmentation import create_transform
+from checkpoints import load_model, run_checkpoints
 from cli import ArgumentParser
+from dataset import IMG_EXTENSIONS, load_image
+from engine import AMP_MODES, TTA_MODES, paper_fill, predict_logits, resolve_amp, resolve_device
+from errors import DataError
+from model import ModelError
 
 _logger = logging.getLogger(__name__)
 
@@ -37,13 +44,16 @@ CANVAS_SIZE = 320  # pixels; the checkpoint's transform shrinks it to the workin
 
 @dataclass
 class Member:
-    """One fold's model, ready to predict: its checkpoint, transform, working size (H, W) and precision."""
+    """One checkpoint's model, ready to predict: its file, transform, working size (H, W), precision, the white
+    paper of its normalisation (for TTA) and its weight in the run's mean."""
 
     path: Path
     model: torch.nn.Module
     transform: object
     img_size: tuple[int, int]
     amp_dtype: torch.dtype | None
+    fill: torch.Tensor
+    weight: float
 
 
 @dataclass
@@ -56,35 +66,22 @@ class DemoRun:
     device: torch.device
     channels_last: bool
     model_name: str
+    tta: str = "none"
 
 
 def newest_run(root: Path = RUNS) -> Path | None:
-    """The run folder under ``root`` with a finished fold whose args.json is newest, or None."""
-    runs = [p.parent for p in root.glob("*/args.json") if any(p.parent.glob("fold_*/done.json"))]
-    return max(runs, key=lambda r: (r / "args.json").stat().st_mtime) if runs else None
+    """The run folder under ``root`` with a finished fold whose arguments were saved last, or None."""
+    return runfiles.newest_run(root, finished=True)
 
 
-def run_checkpoints(run_dir: Path, fold: int | None = None) -> list[Path]:
-    """The checkpoints inference.py predicts with: each finished fold's best.pth, or last.pth if it has none.
+def checkpoint_groups(run_dir: Path, fold: int | None = None) -> list[list[Path]]:
+    """The checkpoints inference.py predicts with, fold by fold (``fold``: that one alone).
 
-    ``fold``: that fold's alone. Raises DataError naming the folder when there is nothing to predict with.
-    """
-    from dataset import DataError
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "args.json").is_file():
-        raise DataError(f"{run_dir}: no run here (args.json missing)")
-    done = sorted(run_dir.glob("fold_*/done.json"))
-    if fold is not None:
-        done = [p for p in done if p.parent.name == f"fold_{fold}"]
-        if not done:
-            raise DataError(f"{run_dir}: fold {fold} is not finished (fold_{fold}/done.json missing)")
-    if not done:
-        raise DataError(f"{run_dir}: no finished fold (fold_*/done.json) to predict with")
-    from inference import run_checkpoints as fold_checkpoints
-
-    wanted = {p.parent.name for p in done}
-    return [c for group in fold_checkpoints(run_dir) if group[0].parent.name in wanted for c in group]
+    Raises DataError naming the folder when there is no run there or nothing to predict with."""
+    files = runfiles.RunFiles(run_dir)
+    if not files.exists():
+        raise DataError(f"{run_dir}: no run here ({files.args.name} missing)")
+    return run_checkpoints(Path(run_dir), fold)
 
 
 def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto", amp: str | None = None) -> DemoRun:
@@ -93,31 +90,33 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     ``amp``: the precision (auto, bf16, fp16, none); by default the run's, as inference.py uses.
     Raises DataError (one line naming the file) for a missing run or a checkpoint this suite did not write.
     """
-    from augmentation import create_transform
-    from dataset import DataError
-    from inference import load_model
-    from train import resolve_amp, resolve_device
-
     run_dir = Path(run_dir)
-    checkpoints = run_checkpoints(run_dir, fold)
-    run_args = json.loads((run_dir / "args.json").read_text())
+    groups = checkpoint_groups(run_dir, fold)
+    run_args = runfiles.read_args(run_dir, required=None if amp else {"amp": str})
+    tta = run_args.get("tta", "none")
+    if tta not in TTA_MODES:
+        raise DataError(f"{runfiles.RunFiles(run_dir).args}: damaged (tta is {tta!r}, not one of "
+                        f"{', '.join(TTA_MODES)})")
     torch_device = resolve_device(device)
     channels_last = run_args.get("channels_last", True)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     members, class_names, model_name = [], None, ""
-    for path in checkpoints:
-        model, ckpt = load_model(path)
-        names = [str(n) for n in ckpt["class_names"]]
-        if class_names is not None and names != class_names:
-            raise DataError(f"{path}: its classes differ from those of {checkpoints[0]}")
-        class_names, model_name = names, ckpt["model_name"]
-        model.to(torch_device, memory_format=memory_format).eval()
-        img_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
-        transform = create_transform(img_size, False, **ckpt["data_config"])
-        amp_dtype = resolve_amp(amp or run_args["amp"], torch_device, model)
-        members.append(Member(path, model, transform, img_size, amp_dtype))
-        _logger.info("%s: %s, %d classes, %dx%d", path, ckpt["model_name"], len(names), *img_size)
-    return DemoRun(run_dir, class_names, members, torch_device, channels_last, model_name)
+    for group in groups:
+        for path in group:
+            model, ckpt = load_model(path)
+            names = [str(n) for n in ckpt["class_names"]]
+            if class_names is not None and names != class_names:
+                raise DataError(f"{path}: its classes differ from those of {groups[0][0]}")
+            class_names, model_name = names, ckpt["model_name"]
+            model.to(torch_device, memory_format=memory_format).eval()
+            img_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
+            transform = create_transform(img_size, False, **ckpt["data_config"])
+            amp_dtype = resolve_amp(amp or run_args["amp"], torch_device, model)
+            # Each fold counts once, whatever the number of its checkpoints (snapshots), as in inference.py.
+            members.append(Member(path, model, transform, img_size, amp_dtype, paper_fill(ckpt["data_config"]),
+                                  1 / (len(groups) * len(group))))
+            _logger.info("%s: %s, %d classes, %dx%d", path, ckpt["model_name"], len(names), *img_size)
+    return DemoRun(run_dir, class_names, members, torch_device, channels_last, model_name, tta)
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, name: str = "image") -> np.ndarray:
@@ -125,8 +124,6 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, name: s
 
     ``draft_size`` (W, H): the JPEG draft size the test loader uses. Raises DataError naming ``name``.
     """
-    from dataset import DataError, load_image
-
     try:
         return load_image(io.BytesIO(data), draft_size)
     except DataError as e:  # load_image names the stream object; name the upload instead
@@ -141,8 +138,6 @@ def predict_probs(run: DemoRun, image: bytes | np.ndarray, name: str = "image") 
 
     Bytes are decoded for each model at its own working size, as the test loader does (JPEG draft mode).
     """
-    from inference import predict_logits
-
     total = np.zeros(len(run.class_names), dtype=np.float64)
     for member in run.members:
         h, w = member.img_size
@@ -150,9 +145,9 @@ def predict_probs(run: DemoRun, image: bytes | np.ndarray, name: str = "image") 
         tensor = member.transform(image=rgb)["image"].unsqueeze(0)
         # The very code path of inference.py (autocast, memory format), on a one-image "loader".
         logits, _ = predict_logits(member.model, [(tensor, torch.tensor([-1]))], run.device, member.amp_dtype,
-                                   run.channels_last, desc=member.path.parent.name)
-        total += torch.softmax(logits, 1)[0].numpy()
-    return (total / len(run.members)).astype(np.float32)
+                                   run.channels_last, desc=member.path.parent.name, tta=run.tta, fill=member.fill)
+        total += torch.softmax(logits, 1)[0].numpy() * member.weight
+    return total.astype(np.float32)
 
 
 def top_k(probs: np.ndarray, class_names: list[str], k: int = TOP_K) -> pd.DataFrame:
@@ -172,8 +167,8 @@ def predict_top_k(run: DemoRun, image: bytes | np.ndarray, k: int = TOP_K, name:
 def _signature(run_dir: Path, fold: int | None) -> tuple:
     """What the cached models depend on: the checkpoints and their modification times (a resumed run reloads)."""
     try:
-        return tuple((str(p), p.stat().st_mtime_ns) for p in run_checkpoints(run_dir, fold))
-    except Exception:  # the loader reports the problem itself
+        return tuple((str(p), p.stat().st_mtime_ns) for group in checkpoint_groups(run_dir, fold) for p in group)
+    except (DataError, OSError):  # the loader reports the problem itself
         return ()
 
 
@@ -189,7 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="run folder written by main.py (default: the newest finished run under runs/)")
     parser.add_argument("--fold", type=int, default=None, help="predict with this fold alone (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "none"),
+    parser.add_argument("--amp", default=None, choices=AMP_MODES,
                         help="precision (default: the run's)")
     parser.add_argument("--image", type=Path, default=None,
                         help="without the page: print the top classes for this image file and exit")
@@ -211,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = _parse(parser, argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    from dataset import DataError
-    from model import ModelError
-
     if args.image is None:
         parser.error("--image is required on the command line; for the page: streamlit run demo_app.py -- "
                      "--run_dir RUN")
@@ -234,82 +226,70 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def app(argv: list[str] | None = None) -> None:
-    """The streamlit page (``streamlit run demo_app.py -- [--run_dir RUN] [--fold N]``)."""
-    import streamlit as st
-
-    from dataset import IMG_EXTENSIONS, DataError
-    from model import ModelError
-
-    st.set_page_config(page_title="Sketch predictor", layout="wide")
-    st.title("Sketch predictor")
-    try:
-        args = _parse(get_args_parser(), argv)
-    except SystemExit:  # the parser wrote its one-line reason to the server's log
-        st.error("Bad command-line arguments after `--`; see the server's log. "
-                 "Usage: `streamlit run demo_app.py -- --run_dir RUN [--fold N]`")
-        st.stop()
-
+def _sidebar(st, args: argparse.Namespace) -> DemoRun:
+    """The sidebar: the run folder and its folds to predict with; the models loaded (cached), or the page stopped
+    with the one-line reason."""
     default_run = args.run_dir or newest_run()
-    with st.sidebar:
-        st.header("Model")
-        run_text = st.text_input("Run folder", value=str(default_run or ""),
-                                 help="a folder written by main.py (args.json, fold_*/best.pth)")
-        if not run_text.strip():
-            st.warning(f"No finished run under {RUNS}/: train one with main.py, or type a run folder here.")
-            st.stop()
-        run_dir = Path(run_text.strip())
-        try:
-            folds = [int(p.parent.name[5:]) for p in run_checkpoints(run_dir)]
-        except DataError as e:
-            st.error(str(e))
-            st.stop()
-        choices = ["all folds (mean)"] + [f"fold {f}" for f in folds]
-        default_choice = f"fold {args.fold}" if args.fold is not None and args.fold in folds else choices[0]
-        if args.fold is not None and args.fold not in folds:
-            st.warning(f"--fold {args.fold}: not a finished fold of {run_dir}; predicting with all of them")
-        choice = st.selectbox("Prediction", choices, index=choices.index(default_choice),
-                              help="average the softmax of every finished fold, as the run's test prediction does")
-        fold = None if choice == choices[0] else int(choice.split()[1])
-        load = st.cache_resource(show_spinner="Loading the run's models...")(_cached_load_run)
-        try:
-            run = load(str(run_dir), fold, args.device, args.amp, _signature(run_dir, fold))
-        except (DataError, ModelError) as e:
-            st.error(str(e))
-            st.stop()
-        h, w = run.members[0].img_size
-        st.caption(f"{run.model_name}, {len(run.class_names)} classes, {h}x{w} px, "
-                   f"{len(run.members)} model(s) on {run.device}")
+    st.header("Model")
+    run_text = st.text_input("Run folder", value=str(default_run or ""),
+                             help="a folder written by main.py (its arguments and finished folds)")
+    if not run_text.strip():
+        st.warning(f"No finished run under {RUNS}/: train one with main.py, or type a run folder here.")
+        st.stop()
+    run_dir = Path(run_text.strip())
+    try:
+        checkpoint_groups(run_dir)  # a run with a finished fold, whose records read back whole
+    except DataError as e:
+        st.error(str(e))
+        st.stop()
+    folds = runfiles.RunFiles(run_dir).finished_folds()
+    choices = ["all folds (mean)"] + [f"fold {f}" for f in folds]
+    default_choice = f"fold {args.fold}" if args.fold is not None and args.fold in folds else choices[0]
+    if args.fold is not None and args.fold not in folds:
+        st.warning(f"--fold {args.fold}: not a finished fold of {run_dir}; predicting with all of them")
+    choice = st.selectbox("Prediction", choices, index=choices.index(default_choice),
+                          help="average the softmax of every finished fold, as the run's test prediction does")
+    fold = None if choice == choices[0] else folds[choices.index(choice) - 1]
+    load = st.cache_resource(show_spinner="Loading the run's models...")(_cached_load_run)
+    try:
+        run = load(str(run_dir), fold, args.device, args.amp, _signature(run_dir, fold))
+    except (DataError, ModelError) as e:
+        st.error(str(e))
+        st.stop()
+    h, w = run.members[0].img_size
+    st.caption(f"{run.model_name}, {len(run.class_names)} classes, {h}x{w} px, "
+               f"{len(run.members)} model(s) on {run.device}")
+    return run
 
+
+def _sketch_input(st) -> tuple[bytes | None, str, bool]:
+    """The image to predict: an upload or a drawing (its bytes, its name, whether it was drawn), None until given."""
     source = st.radio("Input", ["Upload an image", "Draw a sketch"], horizontal=True, label_visibility="collapsed")
-    data, name, drawn = None, "image", False
     if source == "Upload an image":
         upload = st.file_uploader("Sketch image", type=[e.lstrip(".") for e in IMG_EXTENSIONS])
-        if upload is not None:
-            data, name = upload.getvalue(), upload.name
-    else:
-        try:
-            from streamlit_drawable_canvas import st_canvas
-        except ImportError:
-            st.info("Drawing needs the streamlit-drawable-canvas package; upload an image instead.")
-            st.stop()
-        stroke = st.slider("Stroke width", 1, 20, 4)
-        canvas = st_canvas(stroke_width=stroke, stroke_color="#000000", background_color="#ffffff",
-                           height=CANVAS_SIZE, width=CANVAS_SIZE, drawing_mode="freedraw", return_image_data=True,
-                           key="canvas")
-        if canvas.json_data and canvas.json_data.get("objects") and canvas.image_bytes:
-            data, name, drawn = canvas.image_bytes, "drawing", True
-    if data is None:
-        st.info("Upload a sketch, or draw one, to see what the model predicts.")
-        return
+        return (upload.getvalue(), upload.name, False) if upload is not None else (None, "image", False)
+    try:
+        from streamlit_drawable_canvas import st_canvas
+    except ImportError:
+        st.info("Drawing needs the streamlit-drawable-canvas package; upload an image instead.")
+        st.stop()
+    stroke = st.slider("Stroke width", 1, 20, 4)
+    canvas = st_canvas(stroke_width=stroke, stroke_color="#000000", background_color="#ffffff", height=CANVAS_SIZE,
+                       width=CANVAS_SIZE, drawing_mode="freedraw", return_image_data=True, key="canvas")
+    if canvas.json_data and canvas.json_data.get("objects") and canvas.image_bytes:
+        return canvas.image_bytes, "drawing", True
+    return None, "image", False
 
+
+def _show_prediction(st, run: DemoRun, data: bytes, name: str, drawn: bool, k: int) -> None:
+    """The top-k table and chart for one image, beside the image itself when it was uploaded."""
     try:
         probs = predict_probs(run, data, name)
         rgb = None if drawn else decode_image(data, name=name)  # a drawing is on the page already
     except DataError as e:
         st.error(str(e))
         return
-    table = top_k(probs, run.class_names, args.top_k)
+    table = top_k(probs, run.class_names, k)
     if rgb is not None:
         left, right = st.columns([1, 2])
         left.image(rgb, caption=name, width="stretch")
@@ -322,6 +302,27 @@ def app(argv: list[str] | None = None) -> None:
         shown["probability"] = shown["probability"].map("{:.4f}".format)  # the page shows 4 decimals
         st.table(shown, hide_index=True)
         st.bar_chart(table, x="class_name", y="probability", sort=False, horizontal=True)
+
+
+def app(argv: list[str] | None = None) -> None:
+    """The streamlit page (``streamlit run demo_app.py -- [--run_dir RUN] [--fold N]``)."""
+    import streamlit as st
+
+    st.set_page_config(page_title="Sketch predictor", layout="wide")
+    st.title("Sketch predictor")
+    try:
+        args = _parse(get_args_parser(), argv)
+    except SystemExit:  # the parser wrote its one-line reason to the server's log
+        st.error("Bad command-line arguments after `--`; see the server's log. "
+                 "Usage: `streamlit run demo_app.py -- --run_dir RUN [--fold N]`")
+        st.stop()
+    with st.sidebar:
+        run = _sidebar(st, args)
+    data, name, drawn = _sketch_input(st)
+    if data is None:
+        st.info("Upload a sketch, or draw one, to see what the model predicts.")
+        return
+    _show_prediction(st, run, data, name, drawn, args.top_k)
 
 
 def _in_streamlit() -> bool:

@@ -1,6 +1,6 @@
 """ONNX export: turn a fold's checkpoint into a self-contained ONNX model, verified against PyTorch with onnxruntime.
 
-    python export.py runs/convnext                        # fold 0's best.pth -> runs/convnext/fold_0/best.onnx
+    python export.py runs/convnext                        # fold 0's best.pth -> runs/convnext/export/fold0_best.onnx
     python export.py runs/convnext --fold 3 --output convnext_f3.onnx
     python export.py runs/x/fold_1/best.pth --no-dynamic_batch --batch_size 8 --opset 20
     python export.py runs/x --exporter legacy --opset 17   # the TorchScript exporter, for older runtimes
@@ -15,6 +15,14 @@ Two exporters: ``dynamo`` (the default, torch.export based; opset 18 and newer) 
 tracing, deprecated by PyTorch; opsets 7 to 20; fails on some timm models: EVA-02's attention, ViTs that resample
 position embeddings with antialiasing). Models over 2 GiB of weights (protobuf's limit) keep their weights in
 ``FILE.onnx.data`` beside the graph (dynamo exporter only).
+
+A run folder stands for the checkpoint a finished fold predicts with (``--fold``, by default the lowest finished
+one): its best.pth, last.pth for a fold that never improved, or with ``--snapshots`` its best epoch's weights (the
+fold averages several snapshots; export one of them by its file to choose another). The output goes by default to
+``RUN/export/fold<F>_<checkpoint>.onnx`` for a run's checkpoint (a run's fold folders are its own: nothing is written
+there) and beside any other checkpoint as ``<checkpoint>.onnx``. No output (the ONNX file, its description, its
+external weights) may land on the checkpoint, on the check CSV or on a run folder's own files: such an output is
+refused before anything is exported.
 
 With ``--check`` (the default) the staged model is run with onnxruntime on real images (the run's test set, or
 ``--check_dir``/``--check_csv``) and its logits compared with PyTorch's; the files are published only if they
@@ -40,7 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import runfiles
+from augmentation import create_transform
+from checkpoints import load_model, run_checkpoints
 from cli import ArgumentParser
+from dataset import ImageDataset, read_test_table
+from errors import DataError
 from fileio import WriteError, atomic_write, write_json
 
 _logger = logging.getLogger(__name__)
@@ -49,6 +62,8 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # Opsets each exporter writes: torch.export's translator has no implementations below 18 (a lower request is
 # silently kept at 18); the TorchScript exporter stops at 20. 23 is the newest torch 2.14 knows.
 OPSETS = {"dynamo": range(18, 24), "legacy": range(7, 21)}
+# Where a run's checkpoints are exported by default: a folder of the run that is no file of the run's own.
+EXPORT_DIR = "export"
 # Protobuf cannot serialize a message over 2 GiB: above this many bytes of weights they go to FILE.onnx.data.
 EMBED_LIMIT = 2**31 - 2**26
 
@@ -74,53 +89,61 @@ class Exported:
 
 # ----------------------------------------------------------------------------------------------- loading
 def find_checkpoint(path: Path, fold: int | None) -> Path:
-    """The checkpoint ``path`` names: the file itself, or a run folder's ``fold_<fold>/best.pth`` (else last.pth,
-    as inference.py does for a fold that never improved). DataError if there is none."""
-    from dataset import DataError
-
+    """The checkpoint ``path`` names: the file itself, or the one a run folder's finished fold ``fold`` (default: the
+    lowest finished) predicts with, as inference.py does. DataError (one line) if there is none."""
     if path.is_file():
         if fold is not None:
             raise DataError(f"--fold {fold}: applies to a run folder, but {path} is a checkpoint file")
         return path
     if not path.is_dir():
         raise DataError(f"{path}: no such checkpoint file or run folder")
-    folds = sorted(int(p.name[5:]) for p in path.glob("fold_*") if p.name[5:].isdigit()
-                   and any((p / n).is_file() for n in ("best.pth", "last.pth")))
-    if not folds:
-        raise DataError(f"{path}: not a run folder (no fold_<N>/best.pth)")
-    fold = folds[0] if fold is None else fold
-    if fold not in folds:
-        raise DataError(f"--fold {fold}: {path} has no checkpoint for it (folds: {', '.join(map(str, folds))})")
-    fold_dir = path / f"fold_{fold}"
-    return fold_dir / "best.pth" if (fold_dir / "best.pth").is_file() else fold_dir / "last.pth"
+    files = runfiles.RunFiles(path)
+    if not files.exists():
+        raise DataError(f"{path}: not a run folder of main.py ({files.args.name} missing)")
+    finished = files.finished_folds()
+    if fold is not None and fold not in finished:
+        raise DataError(f"--fold {fold}: fold {fold} of {path} is not finished (finished folds: "
+                        f"{', '.join(map(str, finished)) or 'none'})")
+    if fold is None and finished:
+        fold = finished[0]
+    (group,) = run_checkpoints(path, fold)  # the fold's done record, checked; RunFileError when none is finished
+    if len(group) == 1:
+        return group[0]
+    chosen = files.fold(fold).best_or_last()
+    _logger.warning("fold %d predicts with the mean of %d snapshots; exporting its best epoch's weights (%s); give a "
+                    "snapshot file to export another", fold, len(group), chosen)
+    return chosen
+
+
+def default_output(checkpoint: Path) -> Path:
+    """The ONNX file a checkpoint is exported to without --output: beside it, unless that is inside a run's own
+    folders; then the run's export folder, named by fold and checkpoint (RUN/export/fold0_best.onnx)."""
+    beside = checkpoint.with_suffix(".onnx")
+    run = runfiles.owned_by_run(os.path.realpath(beside))
+    if run is None:
+        return beside
+    files = runfiles.RunFiles(run)
+    folder = Path(os.path.realpath(checkpoint)).parent
+    fold = next((f for f in files.fold_ids() if files.fold(f).dir == folder), None)
+    return run / EXPORT_DIR / f"{'' if fold is None else f'fold{fold}_'}{checkpoint.stem}.onnx"
+
+
+def sidecars(output: Path) -> tuple[Path, Path]:
+    """The description written beside the ONNX file, and its external weights' file (written, or removed as stale)."""
+    return output.with_name(output.name + ".json"), output.with_name(output.name + ".data")
 
 
 def load_for_export(path: Path) -> tuple[Exported, dict]:
-    """Rebuild the checkpoint's model (random init, then its weights) in fp32 eval mode; also the raw checkpoint.
+    """Rebuild the checkpoint's model (its prediction weights) in fp32 eval mode; also the raw checkpoint.
 
     DataError naming the file for anything that is not a checkpoint of this suite."""
-    from dataset import DataError
-    from model import create_model
-    from train import load_checkpoint, prediction_state
-
-    try:
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or not {"model", "model_name", "num_classes", "img_size"} <= set(ckpt):
-            raise ValueError("no model, model_name, num_classes or img_size")
-        model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt.get("head", "linear"))
-        model.load_state_dict(prediction_state(ckpt))
-    except Exception as e:  # foreign, damaged or unsafe files fail in many ways: name the file, never a traceback
-        reason = str(e).splitlines()[0][:160] if str(e) else "unreadable"
-        raise DataError(f"{path}: not a checkpoint of this suite ({type(e).__name__}: {reason})") from None
-    from augmentation import IMAGENET_MEAN, IMAGENET_STD
-
-    norm = ckpt.get("data_config") or {}
+    model, ckpt = load_model(path)
+    norm = ckpt["data_config"]
     num_classes = int(ckpt["num_classes"])
     class_names = [str(c) for c in ckpt.get("class_names") or range(num_classes)]
     info = Exported(model=model.float().eval(), source=path, model_name=str(ckpt["model_name"]),
                     class_names=class_names, img_size=(int(ckpt["img_size"][0]), int(ckpt["img_size"][1])),
-                    mean=[float(v) for v in norm.get("mean", IMAGENET_MEAN)],
-                    std=[float(v) for v in norm.get("std", IMAGENET_STD)],
+                    mean=[float(v) for v in norm["mean"]], std=[float(v) for v in norm["std"]],
                     fold=ckpt.get("fold"), epoch=ckpt.get("epoch"))
     return info, ckpt
 
@@ -242,9 +265,6 @@ def staged(proto, path: Path):
 # ----------------------------------------------------------------------------------------------- check
 def load_check_batch(info: Exported, image_paths: list[str], count: int) -> torch.Tensor:
     """The first ``count`` images preprocessed with the evaluation transform, as one (N, 3, H, W) float32 batch."""
-    from augmentation import create_transform
-    from dataset import DataError, ImageDataset
-
     transform = create_transform(info.img_size, False, mean=info.mean, std=info.std)
     dataset = ImageDataset(image_paths[:count], None, transform, info.img_size)
     images = []
@@ -298,10 +318,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run folder written by main.py, or one of its checkpoints (.pth)")
     parser.add_argument("--fold", type=int, default=None,
-                        help="which fold of a run folder (default: the lowest with a checkpoint)")
+                        help="which finished fold of a run folder (default: the lowest finished one)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="the ONNX file (default: beside the checkpoint, as <checkpoint>.onnx); its description "
-                             "goes to OUTPUT.json")
+                        help="the ONNX file (default: RUN/export/fold<F>_<checkpoint>.onnx for a run's checkpoint, "
+                             "else beside the checkpoint as <checkpoint>.onnx); its description goes to OUTPUT.json")
     parser.add_argument("--opset", type=int, default=18,
                         help="ONNX opset: 18-23 with the dynamo exporter, 7-20 with legacy (default: 18)")
     parser.add_argument("--exporter", default="dynamo", choices=sorted(OPSETS),
@@ -349,8 +369,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def _check_images(args: argparse.Namespace, ckpt: dict) -> list[str]:
     """Paths of the check's images: --check_dir/--check_csv, else the test set the run was trained with."""
-    from dataset import DataError, read_test_table
-
     # Only the first --check_images are decoded (and so checked): a large test set is not read through.
     if args.check_dir is not None:
         return read_test_table(args.check_csv, args.check_dir, check=False).paths
@@ -363,6 +381,50 @@ def _check_images(args: argparse.Namespace, ckpt: dict) -> list[str]:
         raise DataError(f"{e} (the run's test set, for --check); give --check_dir or --no-check") from None
 
 
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Exported, torch.Tensor | None]:
+    """The checkpoint and the output, checked against the inputs and run folders before anything is read; then the
+    model and the check's images. DataError (one line) for anything wrong."""
+    path = find_checkpoint(args.source, args.fold)
+    output = args.output or default_output(path)
+    meta_path, data_path = sidecars(output)
+    inputs = [args.source, path, *([args.check_csv] if args.check_csv is not None else [])]
+    runfiles.check_outputs([("--output", output), ("its description", meta_path),
+                            ("its external weights", data_path)], inputs)
+    info, ckpt = load_for_export(path)
+    if args.exporter == "legacy" and weight_bytes(info.model) > EMBED_LIMIT:
+        raise DataError(f"--exporter legacy: {path} has over 2 GiB of weights, which only the dynamo exporter can "
+                        "write (as external data)")
+    batch = load_check_batch(info, _check_images(args, ckpt), args.check_images) if args.check else None
+    return path, output, info, batch
+
+
+def export_checked(args: argparse.Namespace, info: Exported, output: Path, meta: dict,
+                   batch: torch.Tensor | None) -> None:
+    """Export, validate and (with a check batch) compare with PyTorch; publish the ONNX file only if all pass.
+
+    ExportError, WriteError or onnx's ValidationError otherwise, with nothing written."""
+    import onnx
+
+    proto = export_model(info.model, info.img_size, args.opset, args.dynamic_batch, args.batch_size, args.exporter)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != args.opset:  # an exporter that quietly kept another opset would mislead the runtime's user
+        raise ExportError(f"--opset {args.opset}: the {args.exporter} exporter wrote opset {written}")
+    add_metadata(proto, meta)
+    with staged(proto, output) as onnx_model:
+        onnx.checker.check_model(onnx_model if isinstance(onnx_model, str) else proto)
+        if batch is None:
+            return
+        result = check_onnx(info.model, onnx_model, batch, args.dynamic_batch, args.batch_size)
+        limit = args.tolerance * result["scale"]
+        sizes = " and ".join(map(str, dict.fromkeys(result["batches"])))
+        print(f"check: {result['images']} images in batches of {sizes}, max abs logit diff "
+              f"{result['max_abs_diff']:.3g} (tolerance {limit:.3g}), top-1 agreement "
+              f"{result['top1_agree']}/{result['compared']}")
+        if not result["max_abs_diff"] <= limit:  # also catches NaN
+            raise ExportError(f"onnxruntime's logits differ from PyTorch's by {result['max_abs_diff']:.3g}, over the "
+                              f"tolerance {limit:.3g}; {output} not written")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -370,50 +432,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for name in ("onnxscript", "onnx_ir"):  # the graph optimizer logs every pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
-    from dataset import DataError
-
     try:
-        path = find_checkpoint(args.source, args.fold)
-        info, ckpt = load_for_export(path)
-        if args.exporter == "legacy" and weight_bytes(info.model) > EMBED_LIMIT:
-            raise DataError(f"--exporter legacy: {path} has over 2 GiB of weights, which only the dynamo exporter "
-                            "can write (as external data)")
-        batch = load_check_batch(info, _check_images(args, ckpt), args.check_images) if args.check else None
+        path, output, info, batch = prepare(args)
     except DataError as e:
         parser.error(str(e))
     import onnx
 
-    output = args.output or path.with_suffix(".onnx")
-    meta_path = output.with_name(output.name + ".json")
+    meta_path, data_path = sidecars(output)
     meta = metadata(info, args.dynamic_batch, args.batch_size, args.opset, args.exporter)
     try:
         _logger.info("%s: exporting %s (%d classes, %dx%d) with the %s exporter, opset %d", path, info.model_name,
                      len(info.class_names), *info.img_size, args.exporter, args.opset)
-        proto = export_model(info.model, info.img_size, args.opset, args.dynamic_batch, args.batch_size,
-                             args.exporter)
-        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-        if written != args.opset:  # an exporter that quietly kept another opset would mislead the runtime's user
-            raise ExportError(f"--opset {args.opset}: the {args.exporter} exporter wrote opset {written}")
-        add_metadata(proto, meta)
-        with staged(proto, output) as onnx_model:
-            onnx.checker.check_model(onnx_model if isinstance(onnx_model, str) else proto)
-            if batch is not None:
-                result = check_onnx(info.model, onnx_model, batch, args.dynamic_batch, args.batch_size)
-                limit = args.tolerance * result["scale"]
-                sizes = " and ".join(map(str, dict.fromkeys(result["batches"])))
-                print(f"check: {result['images']} images in batches of {sizes}, max abs logit diff "
-                      f"{result['max_abs_diff']:.3g} (tolerance {limit:.3g}), top-1 agreement "
-                      f"{result['top1_agree']}/{result['compared']}")
-                if not result["max_abs_diff"] <= limit:  # also catches NaN
-                    raise ExportError(f"onnxruntime's logits differ from PyTorch's by {result['max_abs_diff']:.3g}, "
-                                      f"over the tolerance {limit:.3g}; {output} not written")
+        export_checked(args, info, output, meta, batch)
         write_json(meta, meta_path)
     except WriteError as e:
         sys.exit(f"{parser.prog}: error: {e.strerror}")
     except (ExportError, DataError, onnx.checker.ValidationError) as e:
         sys.exit(f"{parser.prog}: error: {' '.join(str(e).split())[:400]}")
-    data = output.with_name(output.name + ".data")
-    size = output.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    size = output.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
     print(f"onnx: {output} ({size / 2**20:.1f} MiB, opset {args.opset}, input {INPUT_NAME} "
           f"{meta['input_shape']}, output {OUTPUT_NAME} {meta['output_shape']}); description: {meta_path}")
     return 0

@@ -25,7 +25,7 @@ module gives the trainer that recipe (flags in main.py's "frozen backbone" group
 trainer's own epoch loop (optimizer, schedule, loss, accumulation, early stopping, EMA, snapshots, checkpoints,
 metrics) then runs unchanged. The frozen weights are written once, as ``features/<key>/backbone.pth``; each epoch's
 ``last.pth`` holds the trained head alone with ``backbone`` naming that file (a few kB instead of the whole model,
-which dominated a head epoch's time), and ``train.load_checkpoint`` merges the two. When the fold is finished its
+which dominated a head epoch's time), and ``checkpoints.load_checkpoint`` merges the two. When the fold is finished its
 ``best.pth`` and snapshot checkpoints are written whole (frozen backbone plus the trained head, and ``head`` naming
 its kind), so whatever rebuilds a model with ``model.create_model(..., head=ckpt["head"])`` predicts with them as
 with any other, wherever they are copied.
@@ -49,10 +49,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import checkpoints
+import engine
 import faults
-import train
+import runfiles
 from dataset import ImageCache, ImageDataset, Table
 from fileio import atomic_write, write_json
+from folds import training_split
 from model import ModelError
 from seed import derive_seed
 
@@ -270,7 +273,7 @@ def extract(model: nn.Module, loader, device: torch.device, amp_dtype, channels_
     out = []
     for images, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with train.autocast(device, amp_dtype):
+        with engine.autocast(device, amp_dtype):
             maps = model.forward_features(images)
             feats = model.forward_head(maps, pre_logits=True)
             if not out:
@@ -309,11 +312,11 @@ def cached_features(args: argparse.Namespace, t: argparse.Namespace, pool_paths:
                 "channels_last": args.channels_last,
                 "pool": hashlib.blake2b("\n".join(pool_paths).encode(), digest_size=8).hexdigest(),
                 "test": hashlib.blake2b("\n".join(test.paths).encode(), digest_size=8).hexdigest()}
-    folder = Path(run_dir) / "features" / backbone_key(model, settings)
+    folder = runfiles.RunFiles(run_dir).feature_dir(backbone_key(model, settings))
     for stale in folder.glob(".*.tmp"):  # a write that a kill cut short; its file is extracted again below
         stale.unlink()
     if not (folder / BACKBONE).exists():  # the frozen weights, once, instead of in every epoch's checkpoint
-        train.save_checkpoint(model.state_dict(), folder / BACKBONE)
+        checkpoints.save_checkpoint(model.state_dict(), folder / BACKBONE)
     train_cache, test_cache = caches
     jobs = [(f"pool_v{k}.npy", k) for k in range(args.feature_views)] + [("test.npy", None)]
     arrays, extracted = {}, []
@@ -329,7 +332,7 @@ def cached_features(args: argparse.Namespace, t: argparse.Namespace, pool_paths:
                 ds = ImageDataset(pool_paths, None, t.eval_transform if view == 0 else t.train_transform, img_size,
                                   train_cache, np.arange(len(pool_paths)))
                 sampler = None if view == 0 else _view_seeds(args.seed, view, len(pool_paths))
-            loader = train._loader(ds, args.eval_batch_size, args.num_workers, device, sampler=sampler)
+            loader = engine.make_loader(ds, args.eval_batch_size, args.num_workers, device, sampler=sampler)
             arr = extract(model, loader, device, t.amp_dtype, args.channels_last, desc=f"features {name}")
             with atomic_write(folder / name, "wb") as f:
                 np.save(f, arr)
@@ -361,7 +364,7 @@ def head_on_features(args: argparse.Namespace, t: argparse.Namespace, ema, loade
     pool_paths = list(table.paths) + ([] if pseudo is None else list(pseudo.paths))
     pool, test_feats, backbone = cached_features(args, t, pool_paths, test, run_dir, device, caches)
     pool, test_feats = torch.from_numpy(pool).to(device), torch.from_numpy(test_feats)[None].to(device)
-    split = train.training_split(args, table, folds, fold, pseudo)
+    split = training_split(args, table, folds, fold, pseudo)
     val_idx = np.flatnonzero(folds == fold)
     feature_loaders = argparse.Namespace(
         sampler=loaders.sampler,
@@ -384,7 +387,7 @@ def head_state(model: nn.Module, state: dict) -> dict:
     """The entries of the full model's ``state`` that a cached-feature fold trains: the classifier's.
 
     Everything else is the frozen backbone, the same at every epoch, so each epoch's checkpoint holds these entries
-    with ``backbone`` naming the backbone file (relative to the checkpoint's folder); ``train.load_checkpoint``
+    with ``backbone`` naming the backbone file (relative to the checkpoint's folder); ``checkpoints.load_checkpoint``
     merges the two, and a finished fold's best and snapshot checkpoints are written whole again."""
     prefix = classifier_name(model) + "."
     return {k: v for k, v in state.items() if k.startswith(prefix)}

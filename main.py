@@ -15,7 +15,7 @@ outputs/*.csv`.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -39,13 +39,10 @@ RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold",
                        "eval_batch_size", "compile"}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags."""
     from dataset import CACHE_MODES
-    from features import FEATURE_CACHE_MODES
-    from inference import TTA_MODES
-    from train import AMP_MODES, MONITORS, OPTIMIZERS, SCHEDULERS
 
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_dir", type=Path, default=None,
                       help="training image folder (default: the bundled data/tuberlin10/train)")
@@ -100,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="leave unreadable training images out, with a warning, instead of stopping (default: "
                            "stop); unreadable test images always stop the run")
 
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18",
                        help=f"any timm model name, or one of {', '.join(MODELS)} (default: resnet18)")
@@ -110,6 +111,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (default: 0)")
     model.add_argument("--drop_path", type=float, default=None,
                        help="stochastic depth rate (default: the model's own)")
+
+
+
+def _frozen_backbone_args(parser: argparse.ArgumentParser) -> None:
+    """The frozen backbone flags."""
+    from features import FEATURE_CACHE_MODES
 
     frozen = parser.add_argument_group("frozen backbone")
     frozen.add_argument("--freeze_backbone", action="store_true",
@@ -128,6 +135,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train the head on pooled features extracted once per run (RUN/features/): auto = on "
                              "when the whole backbone is frozen and no --mixup, --cutmix or --tta needs pixels "
                              "(default: auto)")
+
+
+
+def _optimization_args(parser: argparse.ArgumentParser) -> None:
+    """The optimization flags."""
+    from train import MONITORS, OPTIMIZERS, SCHEDULERS
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch_size", type=int, default=32,
@@ -154,6 +167,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--monitor", default="val_acc", choices=sorted(MONITORS),
                        help="validation metric for early stopping and the best checkpoint (default: val_acc)")
 
+
+
+def _more_from_each_model_args(parser: argparse.ArgumentParser) -> None:
+    """The more from each model flags."""
+    from engine import TTA_MODES
+
     more = parser.add_argument_group("more from each model")
     more.add_argument("--ema_decay", type=float, default=0.0,
                       help="keep an exponential moving average of the weights with this decay (e.g. 0.999), "
@@ -166,6 +185,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="predict with the mean of the best K epochs' weights of each fold, a snapshot ensemble "
                            "(default: 1, the best epoch alone)")
 
+
+
+def _folds_args(parser: argparse.ArgumentParser) -> None:
+    """The folds flags."""
     split = parser.add_argument_group("folds")
     split.add_argument("--kfold", type=int, default=5,
                        help="stratified folds; 1 = one hold-out split of --val_ratio (default: 5)")
@@ -176,6 +199,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "that no copy of a validation image is trained on; duplicates across classes are listed "
                             "(default: on)")
     split.add_argument("--seed", type=int, default=42, help="seed of folds, weights and augmentation (default: 42)")
+
+
+
+def _runtime_args(parser: argparse.ArgumentParser) -> None:
+    """The runtime flags."""
+    from engine import AMP_MODES
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--config", type=Path, default=None,
@@ -192,6 +221,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--deterministic", action="store_true",
                          help="deterministic kernels: a CPU run repeats bit for bit (default: off)")
 
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    """The output flags."""
     out = parser.add_argument_group("output")
     out.add_argument("--save_dir", type=Path, default=None,
                      help="run folder (default: runs/<time>-<model>; with --resume_training: the newest run)")
@@ -201,10 +234,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="where a copy of the submission goes as <run name>.csv (default: outputs)")
     out.add_argument("--resume_training", action="store_true",
                      help="continue the run in --save_dir (default: the newest under runs/) with its saved arguments")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """main.py's command line, its flags in groups by concern."""
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_args(parser)
+    _model_args(parser)
+    _frozen_backbone_args(parser)
+    _optimization_args(parser)
+    _more_from_each_model_args(parser)
+    _folds_args(parser)
+    _runtime_args(parser)
+    _output_args(parser)
     return parser
 
 
-def _explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
     """The flags given on the command line (not defaulted), with their parsed values."""
     quiet = argparse.ArgumentParser(add_help=False)
     for action in parser._actions:
@@ -247,7 +293,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
             args.sample_submission = beside if beside.is_file() else None
         if args.save_dir is None:
             args.save_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model.replace('/', '_')}"
-        elif (args.save_dir / "args.json").exists():
+        elif _is_run(args.save_dir):
             parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
                          "or choose another --save_dir")
     if args.eval_batch_size is None:
@@ -259,10 +305,17 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
 def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
     """The saved arguments of the run to resume, with the flags that may change taken from the command line."""
     save_dir = args.save_dir or _newest_run()
-    if save_dir is None or not (save_dir / "args.json").is_file():
+    from config import ConfigError, check_values
+    from runfiles import RunFileError, RunFiles, is_run, read_args
+
+    if save_dir is None or not is_run(save_dir):
         parser.error(f"--resume_training: no run to resume in {save_dir or RUNS} (args.json missing)")
-    saved = json.loads((save_dir / "args.json").read_text())
-    given = _explicit_args(parser, argv)
+    try:
+        saved = read_args(save_dir)
+        check_values(saved, parser, RunFiles(save_dir).args)
+    except (RunFileError, ConfigError) as e:
+        parser.error(f"--resume_training: {e}")
+    given = explicit_args(parser, argv)
     for key, value in given.items():
         value = str(value) if isinstance(value, Path) else value
         if key not in RESUMABLE_OVERRIDES and saved.get(key) != value:
@@ -334,7 +387,7 @@ def _check_frozen_args(parser, args: argparse.Namespace) -> None:
 
 def _probe_writable(flag: str, folder: Path | None) -> None:
     """Fail before training, not after it, when an output folder cannot be written."""
-    from dataset import DataError
+    from errors import DataError
 
     if folder is None:
         return
@@ -347,9 +400,16 @@ def _probe_writable(flag: str, folder: Path | None) -> None:
         raise DataError(f"--{flag} {folder}: not writable ({e.strerror})") from None
 
 
+def _is_run(folder: Path) -> bool:
+    from runfiles import is_run
+
+    return is_run(folder)
+
+
 def _newest_run() -> Path | None:
-    runs = sorted(RUNS.glob("*/args.json"), key=lambda p: p.stat().st_mtime)
-    return runs[-1].parent if runs else None
+    from runfiles import newest_run
+
+    return newest_run(RUNS)
 
 
 def _setup_logging(save_dir: Path | None) -> None:
@@ -365,12 +425,14 @@ def _setup_logging(save_dir: Path | None) -> None:
         root.addHandler(handler)
 
 
-def _join_processes(args: argparse.Namespace, train) -> int:
+def _join_processes(args: argparse.Namespace) -> int:
     """Under torchrun: join the process group and agree on rank 0's run folder. The number of processes."""
     import torch.distributed as dist
 
+    import engine
+
     saved_world = args.__dict__.pop("saved_world_size", None)
-    world = train.init_distributed(args.device)
+    world = engine.init_distributed(args.device)
     if world > 1:
         names = [str(args.save_dir)]
         dist.broadcast_object_list(names, src=0)  # a default folder is named by the time, which may differ
@@ -379,82 +441,128 @@ def _join_processes(args: argparse.Namespace, train) -> int:
     return world
 
 
+def _read_data(args: argparse.Namespace, main_process: bool):
+    """The training and test tables (relabelled, with pseudo-labels), checked; and the test solution's targets."""
+    import dataset
+    import inference
+
+    check = not args.skip_image_check and main_process  # under torchrun rank 0 decodes every image once
+    if args.train_csv is None:
+        table = dataset.read_folder_table(args.train_dir, check, args.skip_bad_images)
+    else:
+        table = dataset.read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
+    if args.relabel_csv is not None:
+        table = dataset.read_relabel(args.relabel_csv, table)
+    test = dataset.read_test_table(args.test_csv, args.test_dir, check)
+    pseudo = None
+    if args.pseudo_labels is not None:
+        pseudo = dataset.read_pseudo_labels(args.pseudo_labels, test, args.pseudo_threshold, table.class_names)
+    if args.sample_submission is not None:
+        dataset.check_sample_submission(args.sample_submission, test)
+    truth = None if args.test_solution is None else inference.read_solution(args.test_solution, test.rel_paths)
+    return table, test, pseudo, truth
+
+
+def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
+    """Check everything, save the arguments of a new run, train, and copy the submission to --output_dir. The
+    summary (None on processes other than rank 0) and the test solution's targets."""
+    import engine
+    import inference
+    import runfiles
+    import train
+    from folds import load_or_make_folds
+    from model import resolve_model_name
+
+    resolve_model_name(args.model)
+    engine.resolve_device(args.device)
+    main_process = engine.is_main_process()
+    table, test, pseudo, truth = _read_data(args, main_process)
+    folds = load_or_make_folds(args, table)
+    train.check_test_rows(args, test)
+    train.preflight(args, table, folds)
+    if main_process:
+        for flag in ("save_dir", "log_dir", "output_dir"):
+            _probe_writable(flag, getattr(args, flag))
+    engine.barrier()  # every process passed its checks before rank 0 writes anything
+    _setup_logging(args.save_dir if main_process else None)
+    if args.resume_training and world != args.world_size:
+        logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
+                        "result will not repeat the uninterrupted run exactly", args.world_size, world)
+    if main_process and not args.resume_training:
+        with runfiles.shared_write(args.save_dir):
+            runfiles.write_args(args.save_dir, train.plain_args(args))
+    logging.info("%s run %s: %d training images, %d classes, %d test images%s",
+                 "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
+                 len(table.class_names), len(test.paths), f", {world} processes" if world > 1 else "")
+    if pseudo is not None:
+        logging.info("pseudo-labels: %d of %d test images predicted with probability >= %g by %s join every "
+                     "fold's training split", len(pseudo.paths), len(test.paths), args.pseudo_threshold,
+                     pseudo.source)
+    summary = train.run(args, table, test, folds, pseudo=pseudo)
+    if summary is not None:
+        from fileio import atomic_write
+
+        summary["copy"] = args.output_dir / f"{args.save_dir.name}.csv"
+        with atomic_write(summary["copy"], "wb") as f:
+            f.write(Path(summary["submission"]).read_bytes())
+        summary["score"] = inference.accuracy(truth, summary["submission_df"])
+    return summary, truth
+
+
+@contextlib.contextmanager
+def _hold_run(args: argparse.Namespace, main_process: bool):
+    """Rank 0 holds the run folder (its fold, with --fold) while it trains; a lock it made for a run that then
+    failed before writing anything is removed with the folder it made."""
+    import runfiles
+
+    if not main_process:
+        yield
+        return
+    made = not args.save_dir.exists()
+    ok = False
+    try:
+        _probe_writable("save_dir", args.save_dir)
+        with runfiles.lock_run(args.save_dir, args.fold):
+            yield
+            ok = True
+    finally:
+        files = runfiles.RunFiles(args.save_dir)
+        if made and not ok and not files.args.exists():
+            for path in (files.lock, files.write_lock, files.fold(args.fold or 0).lock):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            for folder in (files.fold(args.fold or 0).dir, files.root):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = resolve_args(parser, argv)
 
-    import inference
-    import train
-    from dataset import (
-        DataError,
-        check_sample_submission,
-        read_folder_table,
-        read_pseudo_labels,
-        read_relabel,
-        read_test_table,
-        read_train_table,
-    )
-    from fileio import WriteError, atomic_write, write_json
-    from model import ModelError, resolve_model_name
+    from errors import DataError
+    from fileio import WriteError
+    from model import ModelError
 
     try:
-        resolve_model_name(args.model)
-        train.resolve_device(args.device)
-        world = _join_processes(args, train)
-        main_process = train.is_main_process()
-        check = not args.skip_image_check and main_process  # under torchrun rank 0 decodes every image once
-        if args.train_csv is None:
-            table = read_folder_table(args.train_dir, check, args.skip_bad_images)
-        else:
-            table = read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
-        if args.relabel_csv is not None:
-            table = read_relabel(args.relabel_csv, table)
-        test = read_test_table(args.test_csv, args.test_dir, check)
-        pseudo = None
-        if args.pseudo_labels is not None:
-            pseudo = read_pseudo_labels(args.pseudo_labels, test, args.pseudo_threshold, table.class_names)
-        if args.sample_submission is not None:
-            check_sample_submission(args.sample_submission, test)
-        truth = None if args.test_solution is None else inference.read_solution(args.test_solution, test.rel_paths)
-        folds = train.load_or_make_folds(args, table)
-        train.check_test_rows(args, test)
-        train.preflight(args, table, folds)
-        if main_process:
-            for flag in ("save_dir", "log_dir", "output_dir"):
-                _probe_writable(flag, getattr(args, flag))
-        train.barrier()  # every process passed its checks before rank 0 writes anything
-        _setup_logging(args.save_dir if main_process else None)
-        if args.resume_training and world != args.world_size:
-            logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
-                            "result will not repeat the uninterrupted run exactly", args.world_size, world)
-        if main_process and not args.resume_training:
-            write_json(train.plain_args(args), args.save_dir / "args.json")
-        logging.info("%s run %s: %d training images, %d classes, %d test images%s",
-                     "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
-                     len(table.class_names), len(test.paths), f", {world} processes" if world > 1 else "")
-        if pseudo is not None:
-            logging.info("pseudo-labels: %d of %d test images predicted with probability >= %g by %s join every "
-                         "fold's training split", len(pseudo.paths), len(test.paths), args.pseudo_threshold,
-                         pseudo.source)
-        summary = train.run(args, table, test, folds, pseudo=pseudo)
-        if not main_process:
-            return 0
-        copy = args.output_dir / f"{args.save_dir.name}.csv"
-        with atomic_write(copy, "wb") as f:
-            f.write(Path(summary["submission"]).read_bytes())
-        score = inference.accuracy(truth, summary["submission_df"])
+        world = _join_processes(args)
+        import engine
+
+        with _hold_run(args, engine.is_main_process()):
+            summary, _ = _train(args, world)
     except (DataError, ModelError) as e:
         parser.error(str(e))
     except WriteError as e:  # disk full, read-only folder...: say so in one line; what was written before is intact
         sys.exit(f"{parser.prog}: error: {e.strerror}")
-
+    if summary is None:
+        return 0
     print(f"run folder:      {args.save_dir}")
     print(f"folds finished:  {summary['folds_done']} (val accuracy "
           + ", ".join(f"{v:.4f}" for v in summary["fold_val_acc"].values()) + ")")
     print(f"OOF accuracy:    {summary['oof_acc']:.4f} over {summary['oof_images']} training images")
-    print(f"submission:      {summary['submission']} (copy: {copy})")
-    if score is not None:
-        print(f"test accuracy:   {score:.4f} ({args.test_solution})")
+    print(f"submission:      {summary['submission']} (copy: {summary['copy']})")
+    if summary["score"] is not None:
+        print(f"test accuracy:   {summary['score']:.4f} ({args.test_solution})")
     return 0
 
 

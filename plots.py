@@ -34,7 +34,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+import runfiles
 from fileio import atomic_write
+from runfiles import RunFileError
 
 _logger = logging.getLogger(__name__)
 
@@ -48,8 +50,6 @@ WORST_BEST = 25  # otherwise it lists the worst and the best this many
 NAME_CHARS = 24  # longer class names are shortened with an ellipsis in the plots
 
 
-class RunFileError(ValueError):
-    """A run folder's file is missing or malformed; the message is one line naming the file (and row)."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -132,7 +132,8 @@ def read_oof(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFileError(f"{run_dir}: run folder not found")
-    path = run_dir / "oof.csv"
+    files = runfiles.RunFiles(run_dir)
+    path = files.oof
     if not path.is_file():
         raise RunFileError(f"{path}: file not found (the run has no finished fold yet?)")
     try:
@@ -154,7 +155,7 @@ def read_oof(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
                                "index")
         oof[col] = values.astype(np.int64)
 
-    summary_path = run_dir / "summary.json"
+    summary_path = files.summary
     names = _read_json(summary_path).get("class_names") if summary_path.exists() else None
     highest = int(max(oof["target"].max(), oof["pred"].max()))
     if names is None:
@@ -169,9 +170,10 @@ def read_oof(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
 def read_metrics(run_dir: str | os.PathLike) -> dict[int, pd.DataFrame]:
     """``{fold: metrics.csv}`` for every ``fold_<i>`` of the run that has logged at least one epoch."""
     out = {}
-    for path in Path(run_dir).glob("fold_*/metrics.csv"):
-        fold = path.parent.name[5:]
-        if not fold.isdigit():
+    files = runfiles.RunFiles(run_dir)
+    for fold in files.fold_ids():
+        path = files.fold(fold).metrics
+        if not path.is_file():
             continue
         try:
             df = pd.read_csv(path)
@@ -182,7 +184,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[int, pd.DataFrame]:
         if "epoch" not in df.columns:
             raise RunFileError(f"{path}: no epoch column; found {list(df.columns)}")
         if not df.empty:
-            out[int(fold)] = df
+            out[fold] = df
     return dict(sorted(out.items()))
 
 

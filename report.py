@@ -32,9 +32,11 @@ import pandas as pd
 from PIL import Image
 
 import plots
+import runfiles
 from cli import ArgumentParser
 from fileio import WriteError, write_csv
-from plots import RunFileError, short_name
+from plots import short_name
+from runfiles import RunFileError
 
 _logger = logging.getLogger("report")
 
@@ -70,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- inputs
 def read_oof_probs(run_dir: Path, rows: int, highest: int) -> np.ndarray:
     """``oof_probs.npy``: one row per oof.csv row, at least ``highest + 1`` class columns."""
-    path = run_dir / "oof_probs.npy"
+    path = runfiles.RunFiles(run_dir).oof_probs
     try:
         probs = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -86,7 +88,7 @@ def read_oof_probs(run_dir: Path, rows: int, highest: int) -> np.ndarray:
 
 def image_root(run_dir: Path) -> Path:
     """The folder oof.csv's image paths are relative to: the run's ``train_dir`` from args.json."""
-    path = run_dir / "args.json"
+    path = runfiles.RunFiles(run_dir).args
     try:
         train_dir = json.loads(path.read_text()).get("train_dir")
     except FileNotFoundError:

@@ -1,6 +1,6 @@
 """Model soups: average the weights of several checkpoints of one architecture into one model (Wortsman et al. 2022).
 
-    python soup.py runs/a runs/b runs/c --fold 0 --method greedy -o runs/a/fold_0/soup.pth
+    python soup.py runs/a runs/b runs/c --fold 0 --method greedy -o runs/a/soup_fold0.pth
     python soup.py runs/a/fold_0/best.pth runs/a/fold_0/last.pth snap/epoch7.pth --method uniform -o soup.pth
     python soup.py x.pth y.pth --holdout_csv val.csv --holdout_dir data/train -o soup.pth
     python inference.py --save_dir runs/a --checkpoint soup.pth --output soup_submission.csv
@@ -33,12 +33,14 @@ images (or, with ``--holdout_csv``, over the held-out images themselves).
 Output: a checkpoint with the trainer's keys (those of the base ingredient, the best one for greedy and the first for
 uniform, with its ``model`` replaced by the soup), written atomically and loadable by ``inference.py --checkpoint``;
 beside it ``<output>.json`` with the recipe: ingredients, their held-out accuracies, those used, the soup's accuracy.
+Neither may land on an ingredient, on the held-out CSV, or on a run folder's own files (its checkpoints, records and
+predictions; see runfiles.py): such an output is refused before anything is read. Beside a run's files (say
+``runs/a/soup_fold0.pth``) is fine.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -50,8 +52,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+import runfiles
+from augmentation import create_transform
+from checkpoints import load_checkpoint, prediction_state, save_checkpoint
 from cli import ArgumentParser, default_workers
-from dataset import DataError
+from dataset import ImageDataset
+from engine import AMP_MODES, make_loader, predict_logits, resolve_amp, resolve_device
+from errors import DataError
+from fileio import WriteError, write_json
+from model import ModelError, create_model
 
 _logger = logging.getLogger("soup")
 
@@ -85,27 +94,31 @@ class Holdout:
 
 # ----------------------------------------------------------------------------------------------- ingredients
 def _run_dir_of(path: Path) -> Path | None:
-    """The run folder holding ``path`` (RUN/fold_<i>/x.pth, with RUN/folds.csv and RUN/args.json), or None."""
-    run = path.resolve().parent.parent
-    if path.resolve().parent.name.startswith("fold_") and (run / "folds.csv").is_file() and (
-            run / "args.json").is_file():
-        return run
-    return None
+    """The run folder whose fold folder holds ``path`` (a run of main.py with its folds.csv), or None."""
+    folder = path.resolve().parent
+    run = runfiles.run_of(folder)
+    if run is None:
+        return None
+    files = runfiles.RunFiles(run)
+    if not files.folds.is_file() or not any(files.fold(f).dir == folder for f in files.fold_ids()):
+        return None
+    return run
 
 
 def expand_inputs(inputs: list[str | os.PathLike], fold: int) -> list[Path]:
-    """Checkpoint files for the command line's inputs: files as given, run folders as fold_<fold>/{best,last}.pth.
+    """Checkpoint files for the command line's inputs: files as given, run folders as their fold ``fold``'s
+    best.pth and last.pth.
 
     The same file reached twice (a hard link: best.pth is last.pth when the last epoch was the best) counts once.
     """
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = [item / f"fold_{fold}" / name for name in ("best.pth", "last.pth")
-                     if (item / f"fold_{fold}" / name).is_file()]
+            fold_files = runfiles.RunFiles(item).fold(fold)
+            found = [p for p in (fold_files.best, fold_files.last) if p.is_file()]
             if not found:
-                raise DataError(f"{item}: no fold_{fold}/best.pth or fold_{fold}/last.pth (a run folder of main.py "
-                                "with that fold trained, see --fold)")
+                raise DataError(f"{item}: no {fold_files.best.relative_to(item)} or {fold_files.last.name} (a run "
+                                "folder of main.py with that fold trained, see --fold)")
             files += found
         elif not item.is_file():
             raise DataError(f"{item}: file not found")
@@ -123,8 +136,6 @@ def expand_inputs(inputs: list[str | os.PathLike], fold: int) -> list[Path]:
 
 def load_ingredient(path: Path) -> Ingredient:
     """Load a checkpoint with weights_only=True and check it holds what a soup needs; DataError naming the file."""
-    from train import load_checkpoint, prediction_state
-
     try:
         ckpt = load_checkpoint(path)
     except Exception as e:  # truncated, foreign or unsafe files fail in many ways: name the file, never a traceback
@@ -182,67 +193,95 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------------- held-out data
-def _labeled_rows(csv_path: Path, img_dir: Path, num_classes: int, extra: tuple[str, ...]) -> pd.DataFrame:
-    """Read image_path,target rows (plus the ``extra`` columns) and check targets and files; DataError if bad."""
-    from dataset import _fail, _resolve_paths
+_MAX_LISTED = 8  # bad rows named in one error line
 
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: file not found")
+
+def _refuse_rows(source: str, problems: list[str]) -> None:
+    """One DataError listing the first bad rows of ``source``, if it has any."""
+    if problems:
+        more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise DataError(f"{source}: {len(problems)} bad row(s): " + "; ".join(problems[:_MAX_LISTED]) + more)
+
+
+def _image_paths(rel_paths: list[str], img_dir: Path, problems: list[str]) -> list[str]:
+    """Absolute paths of images named relative to ``img_dir``; one outside it, repeated or missing is a problem,
+    named by its CSV line."""
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
+    root = img_dir.resolve()
+    paths: list[str] = []
+    seen: dict[str, int] = {}
+    for line, rel in enumerate(rel_paths, start=2):
+        path = Path(os.path.normpath(root / rel))
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            exists = False
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"line {line}: image_path {rel!r} is outside {img_dir}")
+        elif rel in seen:
+            problems.append(f"line {line}: image_path {rel!r} repeats line {seen[rel]}")
+        elif not exists:
+            problems.append(f"line {line}: image {rel!r} not found in {img_dir}")
+        seen.setdefault(rel, line)
+        paths.append(str(path))
+    return paths
+
+
+def _targets(values: pd.Series, num_classes: int, problems: list[str]) -> np.ndarray:
+    """Integer targets in 0..num_classes-1 (a bad cell is a problem, by its CSV line, and -1)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round()) | (numbers < 0) | (numbers > num_classes - 1)
+    problems += [f"line {i + 2}: target {values.iloc[i]!r} is not an integer in 0..{num_classes - 1}"
+                 for i in np.flatnonzero(bad.to_numpy())]
+    return numbers.where(~bad, -1).astype(np.int64).to_numpy()
+
+
+def fold_holdout(run_dir: Path, fold: int, num_classes: int) -> Holdout:
+    """Fold ``fold``'s validation images of a run (its folds.csv; images under its arguments' train_dir)."""
+    files = runfiles.RunFiles(run_dir)
+    train_dir = Path(runfiles.read_args(run_dir, required={"train_dir": str})["train_dir"])
+    folds = runfiles.read_folds(run_dir)
+    problems: list[str] = []
+    targets = _targets(folds["target"], num_classes, problems)
+    paths = np.array(_image_paths(folds["image_path"].tolist(), train_dir, problems), dtype=object)
+    _refuse_rows(str(files.folds), problems)
+    val = folds["fold"].to_numpy() == fold
+    if not val.any():
+        raise DataError(f"{files.folds}: no image in fold {fold}'s validation split")
+    return Holdout(paths[val].tolist(), targets[val], f"{files.folds} fold {fold}", paths[~val].tolist())
+
+
+def csv_holdout(csv_path: Path, img_dir: Path, num_classes: int) -> Holdout:
+    """Held-out images from an image_path,target CSV; BatchNorm statistics are then recomputed on these images."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{csv_path}: not a readable CSV ({reason})") from None
-    missing = [c for c in ("image_path", "target", *extra) if c not in df.columns]
+    missing = [c for c in ("image_path", "target") if c not in df.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}")
     if df.empty:
         raise DataError(f"{csv_path}: no rows")
     problems: list[str] = []
-    for column, low, high in (("target", 0, num_classes - 1), *((c, -1, None) for c in extra)):
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = values.isna() | (values != values.round()) | (values < low)
-        if high is not None:
-            bad |= values > high
-        problems += [f"line {i + 2}: {column} {df[column].iloc[i]!r} is not an integer in {low}..{high or ''}"
-                     for i in np.flatnonzero(bad.to_numpy())]
-        df[column] = values.where(~bad, -1).astype(np.int64)
-    df["abs_path"] = _resolve_paths(df, img_dir, problems)
-    _fail(str(csv_path), problems)
-    return df
-
-
-def fold_holdout(run_dir: Path, fold: int, num_classes: int) -> Holdout:
-    """Fold ``fold``'s validation images of a run (RUN/folds.csv, images under args.json's train_dir)."""
-    try:
-        train_dir = Path(json.loads((run_dir / "args.json").read_text())["train_dir"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{run_dir / 'args.json'}: no train_dir to find the held-out images in ({e})") from None
-    df = _labeled_rows(run_dir / "folds.csv", train_dir, num_classes, ("fold",))
-    val = df["fold"].to_numpy() == fold
-    if not val.any():
-        raise DataError(f"{run_dir / 'folds.csv'}: no image in fold {fold}'s validation split")
-    return Holdout(df["abs_path"][val].tolist(), df["target"].to_numpy()[val],
-                   f"{run_dir / 'folds.csv'} fold {fold}", df["abs_path"][~val].tolist())
-
-
-def csv_holdout(csv_path: Path, img_dir: Path, num_classes: int) -> Holdout:
-    """Held-out images from an image_path,target CSV; BatchNorm statistics are then recomputed on these images."""
-    df = _labeled_rows(csv_path, img_dir, num_classes, ())
-    return Holdout(df["abs_path"].tolist(), df["target"].to_numpy(), str(csv_path), df["abs_path"].tolist())
+    targets = _targets(df["target"], num_classes, problems)
+    paths = _image_paths(df["image_path"].tolist(), img_dir, problems)
+    _refuse_rows(str(csv_path), problems)
+    return Holdout(paths, targets, str(csv_path), paths)
 
 
 def _val_split(run_dir: Path, fold: int) -> set[str]:
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={"image_path": str}, keep_default_na=False)
+    folds = runfiles.read_folds(run_dir)
     return set(folds.loc[folds["fold"] == fold, "image_path"])
 
 
 def check_held_out(ingredients: list[Ingredient], run_dir: Path, fold: int) -> None:
     """Refuse an ingredient that may have trained on fold ``fold``'s validation images of ``run_dir``."""
     split_args = ("train_csv", "kfold", "seed", "val_ratio")
-    reference = json.loads((run_dir / "args.json").read_text())
+    reference = runfiles.read_args(run_dir)
     held_out = _val_split(run_dir, fold)
     for ing in ingredients:
         if ing.fold != fold:
@@ -250,8 +289,9 @@ def check_held_out(ingredients: list[Ingredient], run_dir: Path, fold: int) -> N
                             f"{fold}'s validation split of {run_dir}; use checkpoints of one fold, or --holdout_csv")
         if ing.run_dir is not None:
             if ing.run_dir != run_dir.resolve() and _val_split(ing.run_dir, fold) != held_out:
-                raise DataError(f"{ing.path}: fold {fold} of its run ({ing.run_dir / 'folds.csv'}) holds out other "
-                                f"images than fold {fold} of {run_dir}; it trained on some of the held-out images")
+                raise DataError(f"{ing.path}: fold {fold} of its run ({runfiles.RunFiles(ing.run_dir).folds}) holds "
+                                f"out other images than fold {fold} of {run_dir}; it trained on some of the held-out "
+                                "images")
             continue
         saved = ing.meta.get("args") if isinstance(ing.meta.get("args"), dict) else {}
         differ = [k for k in split_args if saved.get(k) != reference.get(k) and not (
@@ -269,11 +309,6 @@ class Evaluator:
 
     def __init__(self, meta: dict, holdout: Holdout, device: torch.device, amp: str, channels_last: bool,
                  batch_size: int, num_workers: int):
-        from augmentation import create_transform
-        from dataset import ImageDataset
-        from model import create_model
-        from train import _loader, resolve_amp
-
         self.model = create_model(meta["model_name"], meta["num_classes"], head=meta.get("head", "linear"))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
@@ -282,12 +317,12 @@ class Evaluator:
         img_size = tuple(meta["img_size"])
         transform = create_transform(img_size, False, **meta["data_config"])
         self.targets = np.array(holdout.targets)  # a writable copy (pandas hands out read-only arrays)
-        self.loader = _loader(ImageDataset(holdout.paths, self.targets, transform, img_size), batch_size,
+        self.loader = make_loader(ImageDataset(holdout.paths, self.targets, transform, img_size), batch_size,
                               num_workers, device)
         self.has_batch_norm = any(isinstance(m, _BATCH_NORMS) for m in self.model.modules())
         self.bn_loader = None
         if holdout.bn_paths:
-            self.bn_loader = _loader(ImageDataset(holdout.bn_paths, None, transform, img_size), batch_size,
+            self.bn_loader = make_loader(ImageDataset(holdout.bn_paths, None, transform, img_size), batch_size,
                                      num_workers, device)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
@@ -295,8 +330,6 @@ class Evaluator:
 
     def accuracy(self, desc: str = "holdout") -> tuple[float, int]:
         """Held-out accuracy of the loaded weights, and the number of images predicted right."""
-        from inference import predict_logits
-
         logits, _ = predict_logits(self.model, self.loader, self.device, self.amp_dtype, self.channels_last,
                                    desc=desc, fault="soup_step")
         correct = int((logits.argmax(1).numpy() == self.targets).sum())
@@ -384,7 +417,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=None,
                         help="loader workers (default: the first ingredient's run's, else one per core up to 8)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", default=None, choices=("auto", "bf16", "fp16", "none"),
+    parser.add_argument("--amp", default=None, choices=AMP_MODES,
                         help="precision (default: the first ingredient's run's, else auto)")
     return parser
 
@@ -399,76 +432,64 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if (args.holdout_csv is None) != (args.holdout_dir is None):
         parser.error("--holdout_csv and --holdout_dir go together (the CSV's image_path values are relative to the "
                      "folder)")
-    if args.output.suffix == ".json":
+    if recipe_path(args.output) == args.output:
         parser.error(f"--output {args.output}: the soup is a .pth checkpoint; its recipe is written beside it as .json")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line: cook the soup, print the accuracies, write the checkpoint and its recipe."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    from fileio import WriteError, write_json
-    from model import ModelError
-    from train import load_checkpoint, resolve_device, save_checkpoint
+def recipe_path(output: Path) -> Path:
+    """The recipe written beside the soup checkpoint."""
+    return output.with_suffix(".json")
 
-    try:
-        files = expand_inputs(args.inputs, args.fold)
-        for path in files:
-            if args.output.exists() and os.path.samefile(path, args.output):
-                raise DataError(f"{path}: is an ingredient and also the --output path; refusing to overwrite it")
-        ingredients = [load_ingredient(path) for path in files]
-        if len(ingredients) < 2:
-            raise DataError(f"{files[0]}: only one checkpoint; a soup needs at least 2 (a run folder gives best.pth "
-                            "and last.pth, once when they are the same file)")
-        check_compatible(ingredients)
-        num_classes = ingredients[0].meta["num_classes"]
-        if args.holdout_csv is not None:
-            holdout = csv_holdout(args.holdout_csv, args.holdout_dir, num_classes)
-        else:
-            run_dir = next((i.run_dir for i in ingredients if i.run_dir is not None), None)
-            if run_dir is None:
-                raise DataError(f"{files[0]}: no run folder (folds.csv, args.json) around the checkpoints to take "
-                                "held-out images from; give --holdout_csv and --holdout_dir")
-            fold = next(i.fold for i in ingredients if i.run_dir == run_dir)
-            if fold is None:
-                raise DataError(f"{files[0]}: the checkpoint does not say which fold it held out; give --holdout_csv")
-            check_held_out(ingredients, run_dir, fold)
-            holdout = fold_holdout(run_dir, fold, num_classes)
-        saved = ingredients[0].meta.get("args") if isinstance(ingredients[0].meta.get("args"), dict) else {}
-        device = resolve_device(args.device)
-        workers = args.num_workers if args.num_workers is not None else saved.get("num_workers", default_workers())
-        evaluator = Evaluator(ingredients[0].meta, holdout, device, args.amp or saved.get("amp", "auto"),
-                              saved.get("channels_last", True), args.batch_size, workers)
-    except (DataError, ModelError) as e:
-        parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
-    members, acc, correct, state = make_soup(ingredients, evaluator, args.method, args.recompute_bn)
-    base = members[0] if args.method == "greedy" else ingredients[0]
+def _holdout(args: argparse.Namespace, ingredients: list[Ingredient], files: list[Path]) -> Holdout:
+    """The images that score the ingredients: --holdout_csv, else the validation split of their fold."""
+    num_classes = ingredients[0].meta["num_classes"]
+    if args.holdout_csv is not None:
+        return csv_holdout(args.holdout_csv, args.holdout_dir, num_classes)
+    run_dir = next((i.run_dir for i in ingredients if i.run_dir is not None), None)
+    if run_dir is None:
+        raise DataError(f"{files[0]}: no run folder (folds.csv, args.json) around the checkpoints to take held-out "
+                        "images from; give --holdout_csv and --holdout_dir")
+    fold = next(i.fold for i in ingredients if i.run_dir == run_dir)
+    if fold is None:
+        raise DataError(f"{files[0]}: the checkpoint does not say which fold it held out; give --holdout_csv")
+    check_held_out(ingredients, run_dir, fold)
+    return fold_holdout(run_dir, fold, num_classes)
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[Ingredient], Holdout, Evaluator]:
+    """Check the outputs against the inputs and run folders, then load and check the ingredients and the held-out
+    images; DataError or ModelError (one line) for anything wrong, before any output is written."""
+    files = expand_inputs(args.inputs, args.fold)
+    inputs = [*args.inputs, *files, *([args.holdout_csv] if args.holdout_csv is not None else [])]
+    runfiles.check_outputs([("--output", args.output), ("its recipe", recipe_path(args.output))], inputs)
+    ingredients = [load_ingredient(path) for path in files]
+    if len(ingredients) < 2:
+        raise DataError(f"{files[0]}: only one checkpoint; a soup needs at least 2 (a run folder gives best.pth and "
+                        "last.pth, once when they are the same file)")
+    check_compatible(ingredients)
+    holdout = _holdout(args, ingredients, files)
+    saved = ingredients[0].meta.get("args") if isinstance(ingredients[0].meta.get("args"), dict) else {}
+    device = resolve_device(args.device)
+    workers = args.num_workers if args.num_workers is not None else saved.get("num_workers", default_workers())
+    evaluator = Evaluator(ingredients[0].meta, holdout, device, args.amp or saved.get("amp", "auto"),
+                          saved.get("channels_last", True), args.batch_size, workers)
+    return ingredients, holdout, evaluator
+
+
+def write_soup(base: Ingredient, state: dict[str, torch.Tensor], recipe: dict, output: Path) -> None:
+    """The base ingredient's checkpoint with the soup as its model, then the recipe beside it (WriteError if not)."""
+    ckpt = load_checkpoint(base.path)  # the base again, with the optimizer state left out of memory until now
+    ckpt["model"] = state
+    if "ema" in ckpt:  # the soup is this checkpoint's model now, whichever weights it predicted with before
+        ckpt["ema"], ckpt["predict_with"] = None, "model"
+    save_checkpoint(ckpt, output)
+    write_json(recipe, recipe_path(output))
+
+
+def _print_result(args: argparse.Namespace, ingredients: list[Ingredient], members: list[Ingredient],
+                  holdout: Holdout, acc: float, correct: int) -> None:
     n = len(holdout.targets)
-    recipe = {
-        "method": args.method,
-        "recompute_bn": bool(args.recompute_bn and len(members) > 1 and evaluator.has_batch_norm),
-        "holdout": holdout.source,
-        "holdout_images": n,
-        "ingredients": [{"path": str(i.path), "holdout_acc": i.accuracy, "holdout_correct": i.correct,
-                         "in_soup": any(i is m for m in members)} for i in ingredients],
-        "members": [str(m.path) for m in members],
-        "soup_holdout_acc": acc,
-        "soup_holdout_correct": correct,
-        "base": str(base.path),
-    }
-    try:
-        ckpt = load_checkpoint(base.path)  # the base again, with the optimizer state left out of memory until now
-        ckpt["model"] = state
-        if "ema" in ckpt:  # the soup is this checkpoint's model now, whichever weights it predicted with before
-            ckpt["ema"], ckpt["predict_with"] = None, "model"
-        save_checkpoint(ckpt, args.output)
-        write_json(recipe, args.output.with_suffix(".json"))
-    except WriteError as e:
-        sys.exit(f"{parser.prog}: error: {e.strerror}")
-
     width = max(len(str(i.path)) for i in ingredients)
     print(f"{'ingredient'.ljust(width)}  held-out acc")
     for i in ingredients:
@@ -477,6 +498,38 @@ def main(argv: list[str] | None = None) -> int:
     best = max(ingredients, key=lambda i: i.accuracy)
     print(f"{args.method} soup of {len(members)}/{len(ingredients)} ingredients (*): held-out accuracy {acc:.4f} "
           f"({correct}/{n}) on {holdout.source}; best ingredient {best.accuracy:.4f} -> {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line: cook the soup, print the accuracies, write the checkpoint and its recipe."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        ingredients, holdout, evaluator = prepare(args)
+    except (DataError, ModelError) as e:
+        parser.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    members, acc, correct, state = make_soup(ingredients, evaluator, args.method, args.recompute_bn)
+    base = members[0] if args.method == "greedy" else ingredients[0]
+    recipe = {
+        "method": args.method,
+        "recompute_bn": bool(args.recompute_bn and len(members) > 1 and evaluator.has_batch_norm),
+        "holdout": holdout.source,
+        "holdout_images": len(holdout.targets),
+        "ingredients": [{"path": str(i.path), "holdout_acc": i.accuracy, "holdout_correct": i.correct,
+                         "in_soup": any(i is m for m in members)} for i in ingredients],
+        "members": [str(m.path) for m in members],
+        "soup_holdout_acc": acc,
+        "soup_holdout_correct": correct,
+        "base": str(base.path),
+    }
+    try:
+        write_soup(base, state, recipe, args.output)
+    except WriteError as e:
+        sys.exit(f"{parser.prog}: error: {e.strerror}")
+    _print_result(args, ingredients, members, holdout, acc, correct)
     return 0
 
 

@@ -227,13 +227,13 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
+        import runfiles
         import train
-        from fileio import write_json
 
         settings = suggest(trial, self.opts)
         trial.set_user_attr("settings", settings)
         save_dir = self.opts.study_dir / f"trial_{trial.number}"
-        if (save_dir / "args.json").exists():
+        if runfiles.is_run(save_dir):
             raise TuneError(f"{save_dir}: holds a run that {self.opts.study_dir / 'study.db'} does not know (was the "
                             "database replaced?); move the folder away or use another --study_dir")
         try:
@@ -260,11 +260,11 @@ class Objective:
                 raise optuna.TrialPruned(f"epoch {epoch + 1}: {args.monitor} {current:.4f}, worse than "
                                          f"--prune_threshold {threshold:g}")
 
-        save_dir.mkdir(parents=True, exist_ok=True)
-        write_json(train.plain_args(args), save_dir / "args.json")
-        _logger.info("trial %d: %s in %s", trial.number, " ".join(_flags(settings)), save_dir)
-        with _log_to(save_dir / "train.log"):
-            train.run(args, self.table, self.test, self.folds, on_epoch=on_epoch)
+        with runfiles.lock_run(save_dir):  # the trial's run folder has one writer, as main.py's do
+            runfiles.write_args(save_dir, train.plain_args(args))
+            _logger.info("trial %d: %s in %s", trial.number, " ".join(_flags(settings)), save_dir)
+            with _log_to(save_dir / "train.log"):
+                train.run(args, self.table, self.test, self.folds, on_epoch=on_epoch)
         return best[0] if best else math.nan  # NaN: Optuna marks the trial failed, and the search goes on
 
 
@@ -337,14 +337,34 @@ def _setup_logging() -> logging.Handler:
     return handler
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return 0, or exit with code 2 and a one-line error."""
-    parser = get_args_parser()
-    opts, base = parser.parse_known_args(argv)
-    _check_options(parser, opts)
-    main_parser = main_module.get_args_parser()
+def _read_once(args: argparse.Namespace):
+    """The data, folds and model are the same for every trial: check and read them once."""
+    import engine
+    import train
+    from dataset import check_sample_submission, read_folder_table, read_test_table, read_train_table
+    from folds import load_or_make_folds
+    from model import resolve_model_name
+
+    resolve_model_name(args.model)
+    engine.resolve_device(args.device)
+    check = not args.skip_image_check
+    if args.train_csv is None:
+        table = read_folder_table(args.train_dir, check, args.skip_bad_images)
+    else:
+        table = read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
+    test = read_test_table(args.test_csv, args.test_dir, check)
+    if args.sample_submission is not None:
+        check_sample_submission(args.sample_submission, test)
+    folds = load_or_make_folds(args, table)
+    train.preflight(args, table, folds)
+    return table, test, folds
+
+
+def _check_base(parser, opts: argparse.Namespace, base: list[str], main_parser) -> tuple[dict, argparse.Namespace]:
+    """main.py's own checks on the passed-through flags, at both ends of the search space, before anything is
+    written: the flags given and the resolved arguments of a probe trial."""
     main_parser.parse_args(base)  # main.py's own one-line errors first: unknown, ambiguous or malformed flags
-    given = main_module._explicit_args(main_parser, base)
+    given = main_module.explicit_args(main_parser, base)
     refused = {"fold": "write tune.py's own flags in full",  # only an abbreviation (--fo) gets here
                "seed": "write tune.py's own flags in full",
                "save_dir": "tune.py gives each trial its own folder, --study_dir/trial_<n>",
@@ -355,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     for flag in opts.search:
         if flag in given:
             parser.error(f"--{flag} is searched: leave it out, or leave it out of --search to fix it")
-
-    # main.py's checks on the passed-through flags, at both ends of the search space, before anything is written.
     probe = opts.study_dir / "trial_probe"
     args = _resolve(base, opts, {}, probe)
     if "learning_rate" in opts.search and opts.lr_range[0] < args.min_lr:
@@ -367,13 +385,22 @@ def main(argv: list[str] | None = None) -> int:
         corner = {"learning_rate": opts.lr_range[end], "weight_decay": opts.wd_range[end],
                   "aug": sorted(opts.augs)[-end], "mixup": opts.mixup_range[end]}
         _resolve(base, opts, {k: v for k, v in corner.items() if k in opts.search}, probe)
+    return given, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return 0, or exit with code 2 and a one-line error."""
+    parser = get_args_parser()
+    opts, base = parser.parse_known_args(argv)
+    _check_options(parser, opts)
+    main_parser = main_module.get_args_parser()
+    given, args = _check_base(parser, opts, base, main_parser)
 
     import optuna
 
-    import train
-    from dataset import DataError, check_sample_submission, read_folder_table, read_test_table, read_train_table
+    from errors import DataError
     from fileio import WriteError
-    from model import ModelError, resolve_model_name
+    from model import ModelError
 
     stream = _setup_logging()
     file_log = lock = None
@@ -390,19 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = fixed_values(given, main_parser, opts)
         study = open_study(opts, args)
 
-        # The data, folds and model are the same for every trial: check and read them once.
-        resolve_model_name(args.model)
-        train.resolve_device(args.device)
-        check = not args.skip_image_check
-        if args.train_csv is None:
-            table = read_folder_table(args.train_dir, check, args.skip_bad_images)
-        else:
-            table = read_train_table(args.train_csv, args.train_dir, check, args.skip_bad_images)
-        test = read_test_table(args.test_csv, args.test_dir, check)
-        if args.sample_submission is not None:
-            check_sample_submission(args.sample_submission, test)
-        folds = train.load_or_make_folds(args, table)
-        train.preflight(args, table, folds)
+        table, test, folds = _read_once(args)
 
         finished = [t for t in study.get_trials(deepcopy=False)
                     if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]

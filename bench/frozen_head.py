@@ -41,11 +41,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import engine  # noqa: E402
 import inference  # noqa: E402
 import main as suite_main  # noqa: E402
+import runfiles  # noqa: E402
 import train  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
 from dataset import read_test_table, read_train_table  # noqa: E402
+from folds import load_or_make_folds  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "tuberlin40"
 
@@ -70,20 +73,20 @@ def train_folds(argv: list, data: Path, csv: Path, count: int) -> argparse.Names
         "--test_csv", data / "test.csv", "--skip_image_check"]])
     table = read_train_table(args.train_csv, args.train_dir, check=False)
     test = read_test_table(args.test_csv, args.test_dir, check=False)
-    folds = train.load_or_make_folds(args, table)
+    folds = load_or_make_folds(args, table)
     train.preflight(args, table, folds)
     run_dir = Path(args.save_dir)
     run_dir.mkdir(parents=True)
-    device = train.resolve_device(args.device)
+    device = engine.resolve_device(args.device)
     caches = train.build_caches(args, table, test)
     seconds, metrics = [], []
     for fold in range(count):
         start = time.perf_counter()
         train.train_fold(args, fold, table, folds, test, run_dir, device, caches=caches)
         seconds.append(time.perf_counter() - start)
-        metrics.append(pd.read_csv(run_dir / f"fold_{fold}" / "metrics.csv"))
+        metrics.append(runfiles.read_metrics(runfiles.RunFiles(run_dir).fold(fold)))
     truth = inference.read_solution(data / "test_solution.csv", test.rel_paths)
-    test_probs = np.load(run_dir / "fold_0" / "test_probs.npy")
+    test_probs = runfiles.read_array(runfiles.RunFiles(run_dir).fold(0).test_probs, (len(test.paths), None), "")
     return argparse.Namespace(seconds=seconds, metrics=metrics, test_acc=float((test_probs.argmax(1) == truth).mean()),
                               train_images=int((folds != 0).sum()), val_images=int((folds == 0).sum()),
                               test_images=len(test.paths))
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backbone: {opts.model} trained normally for {opts.pretrain_epochs} epochs on the other "
               f"{counts.min() - opts.per_class} images of each class ({pre.seconds[0]:.0f} s, hold-out accuracy "
               f"{pre.metrics[0]['val_acc'].max():.4f}, test accuracy {pre.test_acc:.4f})")
-        head = [*common, "--freeze_backbone", "--pretrained_path", work / "pretrain" / "fold_0" / "best.pth",
+        head = [*common, "--freeze_backbone", "--pretrained_path", runfiles.RunFiles(work / "pretrain").fold(0).best,
                 "--kfold", opts.kfold, "--max_epochs", opts.epochs, "--learning_rate", opts.learning_rate]
         cached = train_folds([*head, "--feature_cache", "on", "--feature_views", opts.views, "--save_dir",
                               work / "cached"], opts.data, csvs["head"], opts.kfold)

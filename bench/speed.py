@@ -10,10 +10,10 @@ In one process, on the same images (``shared/datasets/tuberlin40`` beside the re
 random weights, it measures images per second for three loops:
 
 * ceiling: optimizer steps (or forward passes) on one batch of tensors already in memory, in the suite's precision
-  (``train.resolve_amp``), memory format and optimizer (``train.build_training``): the best the model can do;
-* suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``train._loader``, the
+  (``engine.resolve_amp``), memory format and optimizer (``train.build_training``): the best the model can do;
+* suite: the real ``train.train_one_epoch`` with ``ImageDataset``, ``SeededSampler``, ``engine.make_loader``, the
   decoded-image cache (``--cache``, main.py's default) and the training augmentation, built as ``train.train_fold``
-  builds them (inference: ``inference.predict_logits`` with the eval transform at main.py's ``--eval_batch_size``,
+  builds them (inference: ``engine.predict_logits`` with the eval transform at main.py's ``--eval_batch_size``,
   twice the batch, over the images' own cache, each epoch a pass of one evaluation loader, as a fold validates
   each epoch and predicts the test images for each snapshot);
 * reference: the usual competition baseline: fp32, NCHW, ``cv2.imread`` + ``cv2.cvtColor`` of the full image,
@@ -57,10 +57,10 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import main as suite_main  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
 from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table, read_train_table  # noqa: E402
-from inference import predict_logits  # noqa: E402
+from engine import autocast, make_loader, predict_logits, resolve_device  # noqa: E402
 from model import ModelError, create_model  # noqa: E402
 from seed import derive_seed, seed_everything  # noqa: E402
-from train import _loader, autocast, build_training, resolve_device, train_one_epoch, wrap_model  # noqa: E402
+from train import build_training, train_one_epoch, wrap_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tuberlin40"
 LOOPS = ("ceiling", "suite", "reference")
@@ -204,7 +204,7 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
     t.net = wrap_model(t.model, args, device)
     train_ds = ImageDataset(paths, targets, t.train_transform, t.img_size, _cache(args, paths))
     sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1))
-    loader = _loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
+    loader = make_loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler, drop_last=True,
                      persistent=True)
     result = Result()
     _start(device)
@@ -292,9 +292,9 @@ def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) 
 
 
 def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
-    """``inference.predict_logits`` with the eval transform, its own cache and the suite's evaluation loader, whose
+    """``engine.predict_logits`` with the eval transform, its own cache and the suite's evaluation loader, whose
     workers live as long as a fold (``train.build_loaders``): each epoch is one validation pass."""
-    loader = _loader(
+    loader = make_loader(
         ImageDataset(paths, None, t.eval_transform, t.img_size, _cache(args, paths)), args.eval_batch_size,
         args.num_workers, device, persistent=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,29 @@ FAST = ["--model", "test_resnet", "--resize_height", "32", "--resize_width", "32
 def tiny_data(tmp_path_factory) -> Path:
     """4 classes x 12 training sketches and 10 test sketches from the bundled TU-Berlin-10 set."""
     return make_subset(BUNDLED, tmp_path_factory.mktemp("tiny"), classes=4, per_class=12, test_images=10)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    """One finished 2-fold, 2-epoch run on the tiny set, trained once for the whole session: read it, never write
+    it (copy it with :func:`copy_run` first). Beside it: ``outputs/`` (its submission copy) and ``stdout.txt``."""
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2", "--save_dir",
+                   out / "run", "--output_dir", out / "outputs")
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out / "run"
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A copy of a run folder that a test may change (hard links become files of their own)."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns(".lock", ".write.lock"))
+    return dst
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}  # a lock holds its holder's pid, nothing of the run
 
 
 def data_args(data: Path) -> list[str]:

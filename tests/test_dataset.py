@@ -629,7 +629,8 @@ def test_relabel_file(tiny_data, tmp_path):
 def test_pseudo_labels_from_a_probability_file(tiny_data, tmp_path):
     test = read_test_table(tiny_data / "test.csv", tiny_data / "test", check=False)
     names = ["a", "b", "c", "d"]
-    probs = np.full((10, 4), 0.1)
+    probs = np.full((10, 4), 0.25)
+    probs[[1, 4, 7]] = 0.1
     probs[[1, 4, 7], [2, 0, 3]] = 0.7
     df = pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(4)])
     df.insert(0, "image_path", test.rel_paths)
@@ -644,3 +645,12 @@ def test_pseudo_labels_from_a_probability_file(tiny_data, tmp_path):
     _data_error(lambda: dataset.read_pseudo_labels(run, test, 0.6, names[:3]), "4 classes, the training data has 3")
     df.iloc[::-1].to_csv(tmp_path / "other.csv", index=False)
     _data_error(lambda: dataset.read_pseudo_labels(tmp_path / "other.csv", test, 0.6, names), "not this test set")
+    # Columns are taken by name: the same file with its class columns in another order gives the same labels.
+    df[["ID", "image_path", "prob_3", "prob_1", "prob_0", "prob_2"]].to_csv(tmp_path / "swapped.csv", index=False)
+    swapped = dataset.read_pseudo_labels(tmp_path / "swapped.csv", test, 0.6, names)
+    assert swapped.rel_paths == pseudo.rel_paths and swapped.targets.tolist() == [2, 0, 3]
+    # A damaged cell is one line naming the file, the row and the column.
+    df.astype({"prob_1": object}).assign(prob_1=lambda d: d["prob_1"].where(d.index != 3, "abc")).to_csv(
+        tmp_path / "bad.csv", index=False)
+    msg = _data_error(lambda: dataset.read_pseudo_labels(tmp_path / "bad.csv", test, 0.6, names), "--pseudo_labels")
+    assert msg == f"--pseudo_labels {tmp_path / 'bad.csv'}: row 3 (ID 3): prob_1 'abc' is not a number"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAST, ROOT, data_args, run_cli
+from conftest import ROOT, copy_run
 from PIL import Image
 
 import demo_app
@@ -27,12 +27,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny_data, tmp_path_factory) -> Path:
-    """A finished 2-fold run on the tiny set (one epoch each)."""
-    out = tmp_path_factory.mktemp("demo")
-    run_cli("main.py", *FAST, *data_args(tiny_data), "--kfold", "2", "--max_epochs", "1", "--save_dir", out / "run",
-            "--output_dir", out / "outputs")
-    return out / "run"
+def demo_run(trained_run) -> Path:
+    """A finished 2-fold run on the tiny set: the session's trained run, which the demo only reads."""
+    return trained_run
 
 
 def test_prediction_matches_the_runs_test_prediction(demo_run, tiny_data):
@@ -116,6 +113,49 @@ def test_command_line(demo_run, tiny_data, tmp_path, capsys):
             demo_app.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_unfinished_fold_and_damaged_args(demo_run, tiny_data, tmp_path, capsys):
+    run = copy_run(demo_run, tmp_path / "run")
+    image = next((tiny_data / "test").iterdir())
+    (run / "fold_1" / "done.json").unlink()  # fold 1 unfinished: the demo predicts with fold 0 alone, as inference does
+    loaded = demo_app.load_run(run, device="cpu")
+    assert [m.path for m in loaded.members] == [run / "fold_0" / "best.pth"] and loaded.members[0].weight == 1
+    np.testing.assert_allclose(demo_app.predict_probs(loaded, image.read_bytes()),
+                               demo_app.predict_probs(demo_app.load_run(demo_run, fold=0, device="cpu"),
+                                                      image.read_bytes()), atol=1e-7)
+    args_json = run / "args.json"
+    args_json.write_bytes(args_json.read_bytes()[:30])
+    with pytest.raises(SystemExit) as e:
+        demo_app.main(["--run_dir", str(run), "--image", str(image), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f": error: {args_json}: damaged (" in err, err
+
+
+def _page(root: str, run_dir: str) -> None:
+    """The page as streamlit's script runner runs it (AppTest rebuilds this function from its source)."""
+    import sys
+
+    sys.path.insert(0, root)
+    import demo_app
+
+    demo_app.app(["--run_dir", run_dir, "--device", "cpu"])
+
+
+def test_page_sidebar_without_a_browser(demo_run, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    page = AppTest.from_function(_page, args=(str(ROOT), str(demo_run)), default_timeout=120)
+    page.run()
+    assert not page.exception and not page.error
+    assert [c.value for c in page.sidebar.caption] == ["test_resnet, 4 classes, 32x32 px, 2 model(s) on cpu"]
+    assert page.sidebar.selectbox[0].options == ["all folds (mean)", "fold 0", "fold 1"]
+    assert [i.value for i in page.info] == ["Upload a sketch, or draw one, to see what the model predicts."]
+    page.sidebar.selectbox[0].select("fold 1").run()
+    assert [c.value for c in page.sidebar.caption] == ["test_resnet, 4 classes, 32x32 px, 1 model(s) on cpu"]
+    page.sidebar.text_input[0].input(str(tmp_path)).run()  # a folder without a run: named in one error line
+    assert [e.value for e in page.error] == [f"{tmp_path}: no run here (args.json missing)"]
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ description file, a second architecture, both exporters, external weights, and b
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, data_args, run_cli
+from conftest import FAST, copy_run, data_args, files_of, run_cli
 
 import export
 from augmentation import create_transform
@@ -39,9 +40,10 @@ def resnet_run(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resnet_onnx(resnet_run):
-    """The run exported with every default: fold 0, dynamic batch, opset 18, checked on the run's test images."""
+    """The run exported with every default: fold 0, dynamic batch, opset 18, checked on the run's test images, written
+    to the run's export folder (its fold folders are the run's own)."""
     proc = run_cli("export.py", resnet_run)
-    return resnet_run / "fold_0" / "best.onnx", proc
+    return resnet_run / "export" / "fold0_best.onnx", proc
 
 
 def _checkpoint(path) -> dict:
@@ -118,7 +120,7 @@ def test_default_export_reproduces_the_run(resnet_run, resnet_onnx, tiny_data):
 def test_description_json_is_exact(resnet_run, resnet_onnx):
     path, _ = resnet_onnx
     ckpt = _checkpoint(resnet_run / "fold_0" / "best.pth")
-    meta = json.loads((path.parent / "best.onnx.json").read_text())
+    meta = json.loads((path.parent / "fold0_best.onnx.json").read_text())
     assert meta == {
         "model_name": "test_resnet",
         "class_names": ["bicycle", "butterfly", "cloud", "crown"],
@@ -256,12 +258,13 @@ def test_bad_input_messages(case, resnet_run, tiny_data, tmp_path, capsys, monke
     argv, message = {
         "missing": ([tmp_path / "nope"], f"{tmp_path / 'nope'}: no such checkpoint file or run folder"),
         "truncated": ([tmp_path / "t.pth"], f"{tmp_path / 't.pth'}: not a checkpoint of this suite (RuntimeError: "),
-        "state_dict": ([tmp_path / "t.pth"], f"{tmp_path / 't.pth'}: not a checkpoint of this suite (ValueError: no "
-                                             "model, model_name, num_classes or img_size)"),
+        "state_dict": ([tmp_path / "t.pth"], f"{tmp_path / 't.pth'}: not a checkpoint of this suite (ValueError: "
+                                             "img_size None is not two positive integers)"),
         "wrong_model": ([tmp_path / "t.pth"], f"{tmp_path / 't.pth'}: not a checkpoint of this suite (RuntimeError: "
                                               "Error(s) in loading state_dict for ResNet"),
-        "not_a_run": ([tiny_data], f"{tiny_data}: not a run folder (no fold_<N>/best.pth)"),
-        "missing_fold": ([resnet_run, "--fold", "2"], f"--fold 2: {resnet_run} has no checkpoint for it (folds: 0, 1)"),
+        "not_a_run": ([tiny_data], f"{tiny_data}: not a run folder of main.py (args.json missing)"),
+        "missing_fold": ([resnet_run, "--fold", "2"], f"--fold 2: fold 2 of {resnet_run} is not finished (finished "
+                                                      "folds: 0, 1)"),
         "negative_fold": ([resnet_run, "--fold", "-1"], "--fold -1: folds are numbered from 0"),
         "fold_with_file": ([best, "--fold", "0"], f"--fold 0: applies to a run folder, but {best} is a checkpoint "
                                                   "file"),
@@ -289,3 +292,91 @@ def test_bad_input_messages(case, resnet_run, tiny_data, tmp_path, capsys, monke
     assert line.startswith(f"export.py: error: {message}")
     assert [line for line in err.splitlines() if "error" in line.lower()] == [line]
     assert not list(tmp_path.glob("x.onnx*"))  # nothing exported
+
+
+# ----------------------------------------------------------------------------------------------- outputs and folds
+def test_default_output_is_never_a_run_file(resnet_run, tmp_path):
+    assert export.default_output(resnet_run / "fold_1" / "best.pth") == resnet_run / "export" / "fold1_best.onnx"
+    assert export.default_output(resnet_run / "fold_0" / "snapshot_003.pth") == (
+        resnet_run / "export" / "fold0_snapshot_003.onnx")
+    assert export.default_output(resnet_run / "soup.pth") == resnet_run / "soup.onnx"  # beside the run's files
+    assert export.default_output(tmp_path / "x.pth") == tmp_path / "x.onnx"
+
+
+def test_a_run_folder_exports_a_finished_fold(resnet_run, tmp_path, caplog):
+    run = copy_run(resnet_run, tmp_path / "run")
+    assert export.find_checkpoint(run, None) == run / "fold_0" / "best.pth"
+    # A fold that predicts with the mean of its snapshots: its best epoch's weights, said in a warning.
+    done = json.loads((run / "fold_1" / "done.json").read_text())
+    (run / "fold_1" / "done.json").write_text(json.dumps({**done, "snapshots": [0, 1]}))
+    for epoch in (0, 1):
+        shutil.copyfile(run / "fold_1" / "best.pth", run / "fold_1" / f"snapshot_{epoch:03d}.pth")
+    assert export.find_checkpoint(run, 1) == run / "fold_1" / "best.pth"
+    assert "fold 1 predicts with the mean of 2 snapshots" in caplog.text
+    (run / "fold_1" / "done.json").write_text(json.dumps({**done, "snapshots": [1]}))
+    assert export.find_checkpoint(run, 1) == run / "fold_1" / "snapshot_001.pth"  # a single snapshot is the one
+    (run / "fold_1" / "done.json").write_text(json.dumps(done))
+    (run / "fold_0" / "done.json").unlink()  # fold 0 unfinished: its checkpoints are not the run's prediction
+    assert export.find_checkpoint(run, None) == run / "fold_1" / "best.pth"
+    with pytest.raises(export.DataError, match=r"^--fold 0: fold 0 of .* is not finished \(finished folds: 1\)$"):
+        export.find_checkpoint(run, 0)
+    (run / "fold_1" / "done.json").write_text("")  # a damaged record: named, in one line
+    with pytest.raises(export.DataError, match=r"done\.json: damaged") as e:
+        export.find_checkpoint(run, None)
+    assert "\n" not in str(e.value)
+    (run / "fold_1" / "done.json").unlink()
+    with pytest.raises(export.DataError, match="no finished fold"):
+        export.find_checkpoint(run, None)
+
+
+def _export_output_case(case: str, run, tmp_path, tiny_data) -> tuple[list, str]:
+    """(export.py arguments, the start of the refusal after 'export.py: error: ') aiming an output at a run file or
+    an input."""
+    best = run / "fold_0" / "best.pth"
+    if case == "checkpoint_input":
+        return [run, "--fold", "0", "--output", best], f"--output {best}: is one of the inputs"
+    if case == "checkpoint":
+        return [best, "--output", run / "fold_1" / "last.pth"], f"--output {run / 'fold_1' / 'last.pth'}: is a " \
+            f"file of the run folder {run}"
+    if case == "done":
+        return [run, "--output", run / "fold_0" / "done.json"], f"--output {run / 'fold_0' / 'done.json'}: is a " \
+            f"file of the run folder {run}"
+    if case in ("test_probs", "submission"):
+        return [run, "--output", run / f"{case}.csv"], f"--output {run / f'{case}.csv'}: is a file of the run folder"
+    if case == "description_sidecar":  # a free name whose description would be the run's args.json
+        return [run, "--output", run / "args"], f"its description {run / 'args.json'}: is a file of the run folder"
+    if case == "own_input":
+        copy = shutil.copyfile(best, tmp_path / "copy.pth")
+        return [copy, "--output", copy], f"--output {copy}: is one of the inputs"
+    if case == "check_csv":
+        check_csv = shutil.copyfile(tiny_data / "test.csv", tmp_path / "check.onnx")
+        return [run, "--check_dir", tiny_data / "test", "--check_csv", check_csv, "--output", check_csv], \
+            f"--output {check_csv}: is one of the inputs"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["checkpoint_input", "checkpoint", "done", "test_probs", "submission",
+                                  "description_sidecar", "own_input", "check_csv"])
+def test_output_on_a_run_file_or_an_input_is_refused(case, resnet_run, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["export.py"])
+    argv, message = _export_output_case(case, resnet_run, tmp_path, tiny_data)
+    before, others = files_of(resnet_run), files_of(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert err.out == "" and "Traceback" not in err.err
+    assert err.err.strip().splitlines() == [err.err.strip()], err.err  # one line, nothing logged before it
+    assert err.err.startswith(f"export.py: error: {message}"), err.err
+    assert files_of(resnet_run) == before  # every run file byte for byte, and nothing added
+    assert files_of(tmp_path) == others
+
+
+def test_output_on_a_checkpoint_from_the_command_line(resnet_run):
+    best = resnet_run / "fold_0" / "best.pth"
+    before = files_of(resnet_run)
+    proc = run_cli("export.py", resnet_run, "--fold", "0", "--output", best, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"export.py: error: --output {best}: is one of the inputs "
+                                                f"({best}); choose another output path"]
+    assert files_of(resnet_run) == before

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from conftest import FAST, ROOT, data_args, run_cli
 
+import checkpoints
+import engine
 import features
 import main as main_module
-import train
 from augmentation import create_transform
 from dataset import ImageDataset
-from inference import predict_logits
+from engine import predict_logits
 from model import ModelError, create_model, set_head
 from seed import derive_seed, seed_everything
 
@@ -81,7 +82,7 @@ def test_cached_run_writes_every_artifact(cached_run, tiny_data, weights):
         assert np.load(fold_dir / "test_probs.npy").shape == (10, 4)
         done = json.loads((fold_dir / "done.json").read_text())
         assert done["epochs"] == 3 and done["val_acc"] == pytest.approx(metrics["score"][done["best_epoch"]])
-        best = train.load_checkpoint(fold_dir / "best.pth")
+        best = checkpoints.load_checkpoint(fold_dir / "best.pth")
         assert best["head"] == "linear" and best["model_name"] == "test_resnet"
         assert {"optimizer", "scheduler", "early_stopping", "rng", "history", "ema"} <= set(best)
         # The full model: the frozen backbone exactly as loaded, the head trained.
@@ -101,7 +102,7 @@ def test_cached_run_writes_every_artifact(cached_run, tiny_data, weights):
         assert sorted(raw_last["model"]) == sorted(raw_last["ema"]) == ["fc.bias", "fc.weight"]
         assert "backbone" not in raw_best and list(raw_best["model"]) == list(initial)
         assert not os.path.samefile(fold_dir / "best.pth", fold_dir / "last.pth")
-        last = train.load_checkpoint(fold_dir / "last.pth")
+        last = checkpoints.load_checkpoint(fold_dir / "last.pth")
         assert list(last["model"]) == list(initial) and "backbone" not in last
         _backbone_equal(last["model"], weights)
         assert (fold_dir / "last.pth").stat().st_size * 20 < (fold_dir / "best.pth").stat().st_size
@@ -137,11 +138,11 @@ def test_val_probs_are_the_head_on_the_cached_features(cached_run):
     folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
     pool, test = np.load(folder / "pool_v0.npy"), np.load(folder / "test.npy")
     for fold in (0, 1):
-        best = train.load_checkpoint(run / f"fold_{fold}" / "best.pth")
-        state = train.prediction_state(best)
+        best = checkpoints.load_checkpoint(run / f"fold_{fold}" / "best.pth")
+        state = checkpoints.prediction_state(best)
         w, b = state["fc.weight"], state["fc.bias"]
         cpu = torch.device("cpu")
-        with torch.inference_mode(), train.autocast(cpu, train.resolve_amp("auto", cpu)):
+        with torch.inference_mode(), engine.autocast(cpu, engine.resolve_amp("auto", cpu)):
             val = torch.softmax(F.linear(torch.from_numpy(pool[folds == fold]), w, b).float(), 1).numpy()
             tst = torch.softmax(F.linear(torch.from_numpy(test), w, b).float(), 1).numpy()
         np.testing.assert_allclose(np.load(run / f"fold_{fold}" / "val_probs.npy"), val, atol=1e-5)
@@ -214,7 +215,7 @@ def test_cached_head_trains_as_the_pixel_loop_does(tiny_data, weights, tmp_path)
     assert a["predict_with"].tolist() == b["predict_with"].tolist()
     pd.testing.assert_frame_equal(a.drop(columns="predict_with"), b.drop(columns="predict_with"), atol=1e-4)
     # The pixel loop kept the frozen batch norms in eval mode: running statistics unchanged.
-    _backbone_equal(train.load_checkpoint(runs["off"] / "fold_1" / "best.pth")["model"], weights)
+    _backbone_equal(checkpoints.load_checkpoint(runs["off"] / "fold_1" / "best.pth")["model"], weights)
     for name in ("test_probs.csv", "oof.csv"):
         x, y = (pd.read_csv(runs[m] / name) for m in ("auto", "off"))
         pd.testing.assert_frame_equal(x, y, atol=1e-5)
@@ -227,7 +228,7 @@ def test_unfreeze_last_block_trains_it_alone(tiny_data, weights, tmp_path):
                    "--pretrained_path", weights, "--save_dir", run, "--output_dir", tmp_path / "out")
     assert "cached features" not in proc.stderr and not (run / "features").exists()
     assert "and the last 1 block(s)" in proc.stderr
-    state = train.load_checkpoint(run / "fold_0" / "last.pth")["model"]
+    state = checkpoints.load_checkpoint(run / "fold_0" / "last.pth")["model"]
     saved = torch.load(weights, map_location="cpu", weights_only=True)
     initial = _initial_head(weights, 0).state_dict()
     changed = {k for k in state if not k.startswith("fc.") and not torch.equal(state[k], saved[k])}
@@ -242,7 +243,7 @@ def test_mlp_head_on_cached_features(tiny_data, weights, tmp_path):
     run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2", "--freeze_backbone",
             "--head", "mlp", "--drop_rate", "0.2", "--pretrained_path", weights, "--save_dir", run,
             "--output_dir", tmp_path / "out")
-    ckpt = train.load_checkpoint(run / "fold_1" / "best.pth")
+    ckpt = checkpoints.load_checkpoint(run / "fold_1" / "best.pth")
     assert ckpt["head"] == "mlp"
     assert {"fc.0.weight", "fc.0.bias", "fc.3.weight", "fc.3.bias"} <= set(ckpt["model"]) and "fc.weight" not in \
         ckpt["model"]
@@ -251,7 +252,7 @@ def test_mlp_head_on_cached_features(tiny_data, weights, tmp_path):
     assert not torch.equal(ckpt["model"]["fc.3.weight"], initial["fc.3.weight"])
     # The checkpoint rebuilt from its own record predicts, from pixels, what the fold predicted from features.
     model = create_model(ckpt["model_name"], ckpt["num_classes"], head=ckpt["head"])
-    model.load_state_dict(train.prediction_state(ckpt))
+    model.load_state_dict(checkpoints.prediction_state(ckpt))
     test = pd.read_csv(tiny_data / "test.csv")["image_path"]
     size = tuple(ckpt["img_size"])
     ds = ImageDataset([str(tiny_data / "test" / p) for p in test], None,
@@ -259,7 +260,7 @@ def test_mlp_head_on_cached_features(tiny_data, weights, tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=16)
     cpu = torch.device("cpu")
     logits, _ = predict_logits(model.to(memory_format=torch.channels_last), loader, cpu,
-                               train.resolve_amp("auto", cpu, model), True)
+                               engine.resolve_amp("auto", cpu, model), True)
     np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), np.load(run / "fold_1" / "test_probs.npy"),
                                atol=1e-5)
     # inference.py rebuilds the head from the checkpoint's record too.

@@ -21,16 +21,15 @@ import main as main_module
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}  # a lock holds its holder's pid, nothing of the run
 
 
 @pytest.fixture(scope="module")
-def kfold_run(tiny_data, tmp_path_factory):
-    """One 2-fold run on the tiny set, shared by the artifact tests."""
-    out = tmp_path_factory.mktemp("kfold")
-    proc = run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2",
-                   "--save_dir", out / "run", "--output_dir", out / "outputs")
-    return out / "run", out / "outputs", proc
+def kfold_run(trained_run):
+    """The session's 2-fold run on the tiny set, shared by the artifact tests (read only), with main.py's output."""
+    stdout = (trained_run.parent / "stdout.txt").read_text()
+    return trained_run, trained_run.parent / "outputs", subprocess.CompletedProcess([], 0, stdout, "")
 
 
 def test_run_folder_contents(kfold_run, tiny_data):
@@ -423,7 +422,8 @@ def test_torchrun_two_processes_end_to_end_and_exact_resume(tiny_data, tmp_path)
 
 # ----------------------------------------------------------------------------------------------- more from each model
 def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
-    import train
+    import checkpoints
+    import engine
     from augmentation import create_transform
     from dataset import ImageDataset
     from model import create_model
@@ -443,7 +443,7 @@ def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
     # The fold's OOF probabilities, recomputed independently: the snapshots' mean of (image, mirror) softmax.
     folds = pd.read_csv(run / "folds.csv")
     rows = folds[folds["fold"] == 0]
-    ckpts = [train.load_checkpoint(run / "fold_0" / f"snapshot_{e:03d}.pth") for e in top]
+    ckpts = [checkpoints.load_checkpoint(run / "fold_0" / f"snapshot_{e:03d}.pth") for e in top]
     assert [c["fold"] for c in ckpts] == [0, 0] and [c["epoch"] for c in ckpts] == top  # soup.py checks the fold
     size = tuple(ckpts[0]["img_size"])
     ds = ImageDataset([str(tiny_data / "train" / p) for p in rows["image_path"]], None,
@@ -453,7 +453,7 @@ def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
     for ckpt in ckpts:
         model = create_model(ckpt["model_name"], ckpt["num_classes"]).to(memory_format=torch.channels_last).eval()
         model.load_state_dict(ckpt["model"])
-        with torch.inference_mode(), train.autocast(cpu, train.resolve_amp("auto", cpu)):
+        with torch.inference_mode(), engine.autocast(cpu, engine.resolve_amp("auto", cpu)):
             a, b = torch.softmax(model(x).float(), 1), torch.softmax(model(x.flip(-1)).float(), 1)
         views.append(((a + b) / 2).numpy())
         plain.append(a.numpy())

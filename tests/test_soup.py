@@ -10,25 +10,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, data_args, run_cli
+from conftest import FAST, copy_run, data_args, files_of, run_cli
 
 import inference
 import soup
 from augmentation import create_transform
+from checkpoints import load_checkpoint
 from dataset import ImageDataset
-from inference import predict_logits
+from engine import make_loader, predict_logits, resolve_amp
 from model import create_model
-from train import _loader, load_checkpoint, resolve_amp
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
-    """Two runs of fold 0 of one 2-fold split (same seed: same folds, same initial weights), two learning rates."""
+def runs(trained_run, tiny_data, tmp_path_factory) -> tuple[Path, Path]:
+    """Two runs of one 2-fold split (same seed: same folds, same initial weights), two learning rates: the session's
+    trained run (learning rate 1e-3, both folds; read only) and fold 0 alone at 3e-3."""
     root = tmp_path_factory.mktemp("soup_runs")
-    for name, lr in (("lr1e-3", "1e-3"), ("lr3e-3", "3e-3")):
-        run_cli("main.py", *FAST, *data_args(tiny_data), "--kfold", "2", "--fold", "0", "--max_epochs", "2",
-                "--learning_rate", lr, "--save_dir", root / name, "--output_dir", root / "outputs")
-    return root / "lr1e-3", root / "lr3e-3"
+    run_cli("main.py", *FAST, *data_args(tiny_data), "--kfold", "2", "--fold", "0", "--max_epochs", "2",
+            "--learning_rate", "3e-3", "--save_dir", root / "lr3e-3", "--output_dir", root / "outputs")
+    return trained_run, root / "lr3e-3"
 
 
 def _holdout(run: Path, fold: int = 0) -> pd.DataFrame:
@@ -47,7 +47,7 @@ def _accuracy(ckpt_path: Path, run: Path, train_dir: Path, batch_size: int = 16)
     rows = _holdout(run)
     dataset = ImageDataset([str(train_dir / p) for p in rows["image_path"]], rows["target"].to_numpy().copy(),
                            create_transform(img_size, False, **ckpt["data_config"]), img_size)
-    logits, targets = predict_logits(model, _loader(dataset, batch_size, 0, device), device,
+    logits, targets = predict_logits(model, make_loader(dataset, batch_size, 0, device), device,
                                      resolve_amp("auto", device, model), True)
     return float((logits.argmax(1) == targets).float().mean())
 
@@ -227,7 +227,7 @@ def _refusal_case(case: str, runs: tuple[Path, Path], tmp_path: Path) -> tuple[l
     if case == "output_is_input":
         copy = tmp_path / "copy.pth"
         shutil.copyfile(other, copy)
-        return [best, copy, "-o", copy], "copy.pth: is an ingredient and also the --output"
+        return [best, copy, "-o", copy], f"--output {copy}: is one of the inputs"
     if case == "method":
         return [best, other, "--method", "mean"], "--method"
     raise AssertionError(case)
@@ -259,4 +259,81 @@ def test_refusal_from_the_command_line(runs, tmp_path):
     r = run_cli("soup.py", runs[0], bad, "-o", tmp_path / "soup.pth", check=False)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "five.pth: num_classes 5" in r.stderr
+    assert not (tmp_path / "soup.pth").exists()
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+@pytest.fixture(scope="module")
+def target_run(runs, tmp_path_factory) -> Path:
+    """A copy of the trained run that the soup outputs below are aimed at (and must leave alone)."""
+    return copy_run(runs[0], tmp_path_factory.mktemp("soup_target") / "run")
+
+
+def _output_case(case: str, run: Path, other: Path, tmp_path: Path) -> tuple[list, str]:
+    """(soup.py arguments, the start of the refusal after 'soup.py: error: ') aiming the output at a run file."""
+    best = run / "fold_0" / "best.pth"
+    if case == "checkpoint_input":  # the run folder stands for its fold_0/best.pth, the output
+        return [run, other, "-o", best], f"--output {best}: is one of the inputs"
+    if case == "checkpoint":
+        return [best, other, "-o", run / "fold_1" / "best.pth"], f"--output {run / 'fold_1' / 'best.pth'}: is a file " \
+            f"of the run folder {run}"
+    if case == "done_sidecar":  # the recipe of RUN/fold_0/done.pth would be RUN/fold_0/done.json
+        return [best, other, "-o", run / "fold_0" / "done.pth"], f"--output {run / 'fold_0' / 'done.pth'}: is a file " \
+            f"of the run folder {run}"
+    if case in ("summary_sidecar", "args_sidecar"):  # a free name, whose recipe is a file of the run
+        name = case.split("_")[0]
+        return [best, other, "-o", run / f"{name}.pth"], f"its recipe {run / f'{name}.json'}: is a file of the run " \
+            f"folder {run}"
+    if case in ("test_probs", "submission"):
+        return [best, other, "-o", run / f"{case}.csv"], f"--output {run / f'{case}.csv'}: is a file of the run folder"
+    if case == "holdout_csv":
+        holdout = tmp_path / "holdout.pth"
+        _holdout(run)[["image_path", "target"]].to_csv(holdout, index=False)
+        return [best, other, "--holdout_csv", holdout, "--holdout_dir", tmp_path, "-o", holdout], \
+            f"--output {holdout}: is one of the inputs"
+    if case == "run_folder":
+        return [best, other, "-o", run], f"--output {run}: is a folder"
+    raise AssertionError(case)
+
+
+OUTPUTS = ["checkpoint_input", "checkpoint", "done_sidecar", "summary_sidecar", "args_sidecar", "test_probs",
+           "submission", "holdout_csv", "run_folder"]
+
+
+@pytest.mark.parametrize("case", OUTPUTS)
+def test_output_on_a_run_file_or_an_input_is_refused(runs, target_run, tmp_path, case, capsys):
+    args, needle = _output_case(case, target_run, runs[1] / "fold_0" / "best.pth", tmp_path)
+    before, others = files_of(target_run), files_of(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        soup.main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    lines = err.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"soup.py: error: {needle}"), err.err
+    assert err.out == "" and "Traceback" not in err.err
+    assert files_of(target_run) == before  # every run file byte for byte, and nothing added
+    assert files_of(tmp_path) == others
+
+
+def test_output_on_done_json_from_the_command_line(runs, target_run):
+    done = target_run / "fold_0" / "done.json"
+    before = files_of(target_run)
+    r = run_cli("soup.py", target_run / "fold_0" / "best.pth", runs[1] / "fold_0" / "best.pth", "-o",
+                done.with_suffix(".pth"), "--device", "cpu", check=False)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "error:" in r.stderr
+    assert "is a file of the run folder" in r.stderr
+    assert files_of(target_run) == before
+    assert json.loads(done.read_text())["fold"] == 0  # still the fold's record, not a recipe
+
+
+def test_damaged_args_json_is_one_line(runs, tmp_path, capsys):
+    run = copy_run(runs[1], tmp_path / "run")
+    args_json = run / "args.json"
+    args_json.write_bytes(args_json.read_bytes()[:40])
+    with pytest.raises(SystemExit) as e:
+        soup.main([str(run), "--device", "cpu", "--num_workers", "0", "-o", str(tmp_path / "soup.pth")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"soup.py: error: {args_json}: damaged ("), err
     assert not (tmp_path / "soup.pth").exists()

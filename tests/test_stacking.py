@@ -17,9 +17,9 @@ from conftest import FAST, data_args, run_cli
 
 import main as main_module
 from augmentation import create_transform
+from checkpoints import load_checkpoint
 from dataset import load_image
 from model import StackedModel, create_model
-from train import load_checkpoint
 
 STACK = "stack:test_resnet+test_vit"
 
@@ -97,7 +97,7 @@ def test_onnx_export_matches_pytorch(stack_run, tiny_data):
     transform = create_transform((32, 32), False, **ckpt["data_config"])
     names = pd.read_csv(tiny_data / "test.csv")["image_path"]
     images = torch.stack([transform(image=load_image(tiny_data / "test" / n, (32, 32)))["image"] for n in names])
-    session = ort.InferenceSession(str(run / "fold_1" / "best.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(run / "export" / "fold1_best.onnx"), providers=["CPUExecutionProvider"])
     ours = session.run(["logits"], {"image": images.numpy()})[0]
     with torch.inference_mode():
         theirs = model.eval()(images).numpy()

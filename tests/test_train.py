@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import checkpoints
+import engine
 import main as main_module
 import train
 from augmentation import SketchAutoAugment
 from dataset import DataError
+from folds import make_folds
 from loss import CrossEntropy, FocalLoss
 from model import ModelError
 
@@ -128,17 +131,17 @@ def test_early_stopping_and_its_state():
 # ----------------------------------------------------------------------------------------------- precision, folds
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    assert train.resolve_amp("none", cpu) is None
-    assert train.resolve_amp("bf16", cpu) is torch.bfloat16
+    assert engine.resolve_amp("none", cpu) is None
+    assert engine.resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(DataError, match="--amp fp16 needs a CUDA device"):
-        train.resolve_amp("fp16", cpu)
+        engine.resolve_amp("fp16", cpu)
     import timm
 
     with torch.device("meta"):
         resnet, effnet = timm.create_model("resnet18"), timm.create_model("efficientnet_b0")
-    fast = train.cpu_bf16_is_fast()
-    assert train.resolve_amp("auto", cpu, resnet) is (torch.bfloat16 if fast else None)
-    assert train.resolve_amp("auto", cpu, effnet) is None  # depthwise + batch norm: fp32 is faster on CPUs
+    fast = engine.cpu_bf16_is_fast()
+    assert engine.resolve_amp("auto", cpu, resnet) is (torch.bfloat16 if fast else None)
+    assert engine.resolve_amp("auto", cpu, effnet) is None  # depthwise + batch norm: fp32 is faster on CPUs
 
 
 def _cpuinfo(vendor: str, flags: str) -> str:
@@ -154,21 +157,21 @@ def _cpuinfo(vendor: str, flags: str) -> str:
     ("GenuineIntel", "avx512f avx512bw", False),
 ])
 def test_cpu_bf16_is_fast(vendor, flags, fast):
-    assert train.cpu_bf16_is_fast(_cpuinfo(vendor, flags)) is fast
-    assert not train.cpu_bf16_is_fast("")
+    assert engine.cpu_bf16_is_fast(_cpuinfo(vendor, flags)) is fast
+    assert not engine.cpu_bf16_is_fast("")
 
 
 def test_make_folds_stratified_and_seeded():
     targets = np.repeat(np.arange(4), [10, 10, 15, 5])
-    folds = train.make_folds(targets, 5, 0.2, seed=3)
+    folds = make_folds(targets, 5, 0.2, seed=3)
     for f in range(5):
         assert np.bincount(targets[folds == f], minlength=4).tolist() == [2, 2, 3, 1]
-    assert (train.make_folds(targets, 5, 0.2, seed=3) == folds).all()
-    assert not (train.make_folds(targets, 5, 0.2, seed=4) == folds).all()
-    holdout = train.make_folds(targets, 1, 0.25, seed=3)
+    assert (make_folds(targets, 5, 0.2, seed=3) == folds).all()
+    assert not (make_folds(targets, 5, 0.2, seed=4) == folds).all()
+    holdout = make_folds(targets, 1, 0.25, seed=3)
     assert set(holdout) == {-1, 0} and (holdout == 0).sum() == 10
     with pytest.raises(DataError, match="--kfold 6: the smallest class has only 5"):
-        train.make_folds(targets, 6, 0.2, seed=3)
+        make_folds(targets, 6, 0.2, seed=3)
 
 
 # ----------------------------------------------------------------------------------------------- wiring
@@ -293,7 +296,7 @@ def _fold_loaders(data, *argv):
                                     [*FAST, *data_args(data), "--save_dir", "/nonexistent/run", *argv])
     table = read_train_table(args.train_csv, args.train_dir, check=False)
     test = read_test_table(args.test_csv, args.test_dir, check=False)
-    folds = train.make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
+    folds = make_folds(table.targets, args.kfold, args.val_ratio, args.seed)
     t = train.build_training(args, len(table.class_names), 40, torch.device("cpu"))
     caches = train.build_caches(args, table, test)
     return args, t, caches, train.build_loaders(args, t, table, folds, 0, test, torch.device("cpu"), caches)
@@ -342,9 +345,9 @@ def test_no_ema_by_default_and_snapshot_ranking():
     assert train.snapshot_epochs(history, 3, "max") == {1, 3, 4}
     assert train.snapshot_epochs(history, 2, "min") == {0, 4}
     assert train.snapshot_epochs(history, 9, "max") == {0, 1, 3, 4}  # a diverged epoch is never kept
-    assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "ema"}) == 2
-    assert train.prediction_state({"model": 1, "ema": 2, "predict_with": "model"}) == 1
-    assert train.prediction_state({"model": 1}) == 1
+    assert checkpoints.prediction_state({"model": 1, "ema": 2, "predict_with": "ema"}) == 2
+    assert checkpoints.prediction_state({"model": 1, "ema": 2, "predict_with": "model"}) == 1
+    assert checkpoints.prediction_state({"model": 1}) == 1
 
 
 def test_balance_reaches_the_sampler(tiny_data):
