@@ -25,8 +25,11 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "no /usr/bin/chromium: the demo page's browser test will be skipped"; }
 
+# One pytest worker per core (pytest-xdist), a test file per worker at a time: files share their module fixtures.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache

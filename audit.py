@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     from fileio import WriteError
 
     try:
+        if args.out is not None:  # never onto the data it reads, a run's own file, a folder, or under a file
+            from runfiles import check_outputs
+
+            check_outputs([("--out", args.out)], [p for p in (args.train_csv, args.test_csv) if p is not None])
         # check=False: unreadable images are listed in the report, not refused as training refuses them.
         if args.train_csv is None:
             train = read_folder_table(args.train_dir, check=False)

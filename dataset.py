@@ -114,7 +114,8 @@ def check_images(paths: Sequence[str], workers: int | None = None) -> list[tuple
 
 
 # ----------------------------------------------------------------------------------------------- tables
-def _fail(source: str, problems: list[str]) -> None:
+def refuse_rows(source: str, problems: list[str]) -> None:
+    """One DataError listing the first bad rows of ``source``, if it has any."""
     if problems:
         more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DataError(f"{source}: {len(problems)} bad row(s): " + "; ".join(problems[:_MAX_LISTED]) + more)
@@ -141,8 +142,9 @@ def _read_csv(csv_path: str | os.PathLike, required: Sequence[str], allowed: Seq
     return df
 
 
-def _resolve_paths(df: pd.DataFrame, img_dir: Path, problems: list[str]) -> list[str]:
-    """Absolute paths for the CSV's image_path column; paths that escape ``img_dir`` or do not exist are problems.
+def resolve_image_paths(rel_paths: Sequence[str], img_dir: Path, problems: list[str]) -> list[str]:
+    """Absolute paths of a CSV's image_path values; paths that escape ``img_dir``, repeat or do not exist are
+    problems, named by CSV line.
 
     The escape check is lexical (no ``..``, not absolute), so symbolic links inside the folder (a DVC cache, say)
     still work, while no CSV row can name a file outside it.
@@ -150,7 +152,7 @@ def _resolve_paths(df: pd.DataFrame, img_dir: Path, problems: list[str]) -> list
     root = img_dir.resolve()
     paths = []
     seen: dict[str, int] = {}
-    for i, rel in enumerate(df["image_path"]):
+    for i, rel in enumerate(rel_paths):
         line = f"line {i + 2}"
         p = Path(os.path.normpath(root / rel))
         try:
@@ -188,7 +190,7 @@ def _check_rows(source: str, paths: list[str], rel: list[str], check: bool, skip
         _logger.warning("%s: skipping %d unreadable image(s) (--skip_bad_images): %s", source, len(bad),
                         "; ".join(problems[:_MAX_LISTED]) + (" ..." if len(problems) > _MAX_LISTED else ""))
     else:
-        _fail(source, problems)
+        refuse_rows(source, problems)
     return keep
 
 
@@ -241,8 +243,8 @@ def read_train_table(csv_path: str | os.PathLike, img_dir: str | os.PathLike, ch
         problems.append(f"line {i + 2}: target {targets[i]} out of range 0..{num_classes - 1}")
 
     rel = df["image_path"].astype(str).tolist()
-    paths = _resolve_paths(df, img_dir, problems)
-    _fail(source, problems)
+    paths = resolve_image_paths(df["image_path"], img_dir, problems)
+    refuse_rows(source, problems)
     keep = _check_rows(source, paths, rel, check, skip_bad)
     paths, rel, targets = [p for p, k in zip(paths, keep) if k], [r for r, k in zip(rel, keep) if k], targets[keep]
     missing = sorted(set(range(num_classes)) - set(targets.tolist()))
@@ -287,11 +289,11 @@ def read_test_table(csv_path: str | os.PathLike | None, img_dir: str | os.PathLi
         source = str(csv_path)
     problems: list[str] = []
     rel = df["image_path"].astype(str).tolist()
-    paths = _resolve_paths(df, img_dir, problems)
+    paths = resolve_image_paths(df["image_path"], img_dir, problems)
     if "ID" in df.columns and df["ID"].tolist() != [str(i) for i in range(len(df))]:
         first = next(i for i, v in enumerate(df["ID"]) if v != str(i))
         problems.append(f"line {first + 2}: ID {df['ID'][first]!r} is not the row index {first}")
-    _fail(source, problems)
+    refuse_rows(source, problems)
     _check_rows(source, paths, rel, check, skip_bad=False)  # every test row needs a prediction: never skipped
     return Table(paths, rel, None, [], source)
 
@@ -526,7 +528,7 @@ def read_relabel(csv_path: str | os.PathLike, table: Table) -> Table:
     if df["image_path"].duplicated().any():
         problems.append(f"{_lines(df['image_path'].duplicated().to_numpy())}: image_path relabelled twice")
     if problems:
-        _fail(str(csv_path), problems)
+        refuse_rows(str(csv_path), problems)
     targets = table.targets.copy()
     for path, t in zip(df["image_path"].astype(str), target.astype(int), strict=True):
         targets[rows[path]] = t

@@ -273,7 +273,7 @@ def cross_class_duplicates(groups: np.ndarray, targets: np.ndarray) -> list[np.n
 # ----------------------------------------------------------------------------------------------- folds
 def make_group_folds(targets: np.ndarray, groups: np.ndarray, kfold: int, seed: int, val_ratio: float = 0.2
                      ) -> np.ndarray:
-    """Fold index per sample, every duplicate group inside one fold; train.make_folds' convention otherwise.
+    """Fold index per sample, every duplicate group inside one fold; folds.make_folds' convention otherwise.
 
     K >= 2: stratified group K folds (0..K-1). K = 1: one group-aware stratified hold-out, 0 for validation rows and
     -1 for rows never validated; its share is that of one fold of round(1 / val_ratio) stratified group folds

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 import engine
@@ -32,27 +31,6 @@ from fileio import WriteError
 from model import ModelError
 
 _logger = logging.getLogger(__name__)
-
-
-def read_solution(solution_csv: str | Path, image_paths: list[str]) -> np.ndarray:
-    """The true targets of a solution file (ID,image_path,target) whose rows must be ``image_paths``, in order."""
-    try:
-        solution = pd.read_csv(solution_csv, dtype={"image_path": str}, keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise DataError(f"{solution_csv}: not a readable CSV ({str(e).splitlines()[0][:120]})") from None
-    if not {"image_path", "target"} <= set(solution.columns):
-        raise DataError(f"{solution_csv}: needs columns image_path and target; found {list(solution.columns)}")
-    if solution["image_path"].tolist() != list(image_paths):
-        raise DataError(f"{solution_csv}: its rows differ from the test rows ({len(solution)} vs {len(image_paths)})")
-    targets = pd.to_numeric(solution["target"], errors="coerce")
-    if targets.isna().any():
-        raise DataError(f"{solution_csv}: line {int(np.flatnonzero(targets.isna())[0]) + 2}: target is not a number")
-    return targets.to_numpy()
-
-
-def accuracy(truth: np.ndarray | None, submission: pd.DataFrame) -> float | None:
-    """Accuracy of a submission against the targets from :func:`read_solution` (None without them)."""
-    return None if truth is None else float((truth == submission["target"].to_numpy()).mean())
 
 
 def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_size: int, num_workers: int,
@@ -144,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         with runfiles.lock_run(inside) if inside is not None else contextlib.nullcontext():
             test = read_test_table(test_csv, test_dir)
             # A wrong solution file fails now, not after predicting.
-            truth = None if args.test_solution is None else read_solution(args.test_solution, test.rel_paths)
+            truth = None if args.test_solution is None else predictions.read_solution(args.test_solution,
+                                                                                      test.rel_paths)
             probs = predict_checkpoints(groups, test, args.batch_size,
                                         run_args["num_workers"] if args.num_workers is None else args.num_workers,
                                         engine.resolve_device(args.device), args.amp or run_args["amp"],
                                         run_args.get("channels_last", True), args.tta or run_args.get("tta", "none"))
             predictions.write_probs(probs, test.rel_paths, probs_path)
             submission = predictions.write_submission(probs, test.rel_paths, output)
-        score = accuracy(truth, submission)
+        score = predictions.accuracy(truth, submission)
     except (DataError, ModelError) as e:
         parser.error(str(e))
     except WriteError as e:

@@ -8,7 +8,7 @@
     python main.py --config runs/tune/best.yaml --max_epochs 20  # flag values from a YAML file (config.py)
 
 A run folder gets the resolved arguments, the folds, per-fold checkpoints and logs, out-of-fold predictions and
-submission.csv (see train.py); a copy of the submission lands in --output_dir for `python ensemble_csv.py
+submission.csv (see runfiles.py); a copy of the submission lands in --output_dir for `python ensemble_csv.py
 outputs/*.csv`.
 """
 
@@ -412,16 +412,26 @@ def _newest_run() -> Path | None:
     return newest_run(RUNS)
 
 
+def _close_logging() -> None:
+    """Remove the handlers :func:`_setup_logging` added (main() may run again in this process)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_main_py", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _setup_logging(save_dir: Path | None) -> None:
     """INFO to stderr and SAVE_DIR/train.log; without a folder (DDP ranks above 0) warnings to stderr only."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
+    _close_logging()
     root.setLevel(logging.INFO if save_dir is not None else logging.WARNING)
     handlers = [logging.StreamHandler(sys.stderr)]
     if save_dir is not None:
         handlers.append(logging.FileHandler(save_dir / "train.log"))
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler._main_py = True
         root.addHandler(handler)
 
 
@@ -444,7 +454,7 @@ def _join_processes(args: argparse.Namespace) -> int:
 def _read_data(args: argparse.Namespace, main_process: bool):
     """The training and test tables (relabelled, with pseudo-labels), checked; and the test solution's targets."""
     import dataset
-    import inference
+    import predictions
 
     check = not args.skip_image_check and main_process  # under torchrun rank 0 decodes every image once
     if args.train_csv is None:
@@ -459,7 +469,7 @@ def _read_data(args: argparse.Namespace, main_process: bool):
         pseudo = dataset.read_pseudo_labels(args.pseudo_labels, test, args.pseudo_threshold, table.class_names)
     if args.sample_submission is not None:
         dataset.check_sample_submission(args.sample_submission, test)
-    truth = None if args.test_solution is None else inference.read_solution(args.test_solution, test.rel_paths)
+    truth = None if args.test_solution is None else predictions.read_solution(args.test_solution, test.rel_paths)
     return table, test, pseudo, truth
 
 
@@ -467,7 +477,7 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     """Check everything, save the arguments of a new run, train, and copy the submission to --output_dir. The
     summary (None on processes other than rank 0) and the test solution's targets."""
     import engine
-    import inference
+    import predictions
     import runfiles
     import train
     from folds import load_or_make_folds
@@ -480,6 +490,9 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     folds = load_or_make_folds(args, table)
     train.check_test_rows(args, test)
     train.preflight(args, table, folds)
+    inputs = [getattr(args, k) for k in ("train_csv", "test_csv", "sample_submission", "test_solution",
+                                         "relabel_csv", "pseudo_labels") if getattr(args, k) is not None]
+    runfiles.check_outputs([("--output_dir", args.output_dir / f"{args.save_dir.name}.csv")], inputs)
     if main_process:
         for flag in ("save_dir", "log_dir", "output_dir"):
             _probe_writable(flag, getattr(args, flag))
@@ -505,7 +518,7 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
         summary["copy"] = args.output_dir / f"{args.save_dir.name}.csv"
         with atomic_write(summary["copy"], "wb") as f:
             f.write(Path(summary["submission"]).read_bytes())
-        summary["score"] = inference.accuracy(truth, summary["submission_df"])
+        summary["score"] = predictions.accuracy(truth, summary["submission_df"])
     return summary, truth
 
 
@@ -549,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         import engine
 
         with _hold_run(args, engine.is_main_process()):
-            summary, _ = _train(args, world)
+            try:
+                summary, _ = _train(args, world)
+            finally:
+                _close_logging()
     except (DataError, ModelError) as e:
         parser.error(str(e))
     except WriteError as e:  # disk full, read-only folder...: say so in one line; what was written before is intact

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from errors import DataError
 from fileio import write_csv
 
 SUBMISSION_COLUMNS = ["ID", "image_path", "target"]
@@ -44,7 +45,7 @@ _PROB_COLUMN_RE = re.compile(rf"{PROB_PREFIX}(\d+)")
 _MISSING = {"", "nan", "na", "null", "none"}
 
 
-class PredictionFileError(ValueError):
+class PredictionFileError(DataError):
     """A prediction file (or an input read with it) is refused; the message is one line naming the file and row."""
 
 
@@ -277,3 +278,19 @@ def read_probs(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
         raise PredictionFileError(f"{path}: is a submission, not a probability file (ID,image_path,prob_0,...)")
     return pred.keys, pred.values
 
+
+def read_solution(path: str | os.PathLike, image_paths: Sequence[str]) -> np.ndarray:
+    """The true targets of a solution file (ID,image_path,target, other columns ignored) whose rows must be
+    ``image_paths``, in order."""
+    df = read_csv_cells(path)
+    missing = [c for c in ("image_path", "target") if c not in df.columns]
+    if missing:
+        raise PredictionFileError(f"{path}: needs columns image_path and target; found {list(df.columns)}")
+    if df["image_path"].tolist() != list(image_paths):
+        raise PredictionFileError(f"{path}: its rows differ from the test rows ({len(df)} vs {len(image_paths)})")
+    return parse_int_column(df["target"], path, "target", minimum=0)
+
+
+def accuracy(truth: np.ndarray | None, submission: pd.DataFrame) -> float | None:
+    """Accuracy of a submission against the targets from :func:`read_solution` (None without them)."""
+    return None if truth is None else float((truth == submission["target"].to_numpy()).mean())

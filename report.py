@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir, out = args.run_dir, args.run_dir / "report"
     try:
+        runfiles.check_outputs([("report", out / name) for name in ("confusions.csv", "worst_classes.csv",
+                                                                    "misclassified.png")])
         oof, names = plots.read_oof(run_dir)
         targets, preds = oof["target"].to_numpy(), oof["pred"].to_numpy()
         wrong = np.flatnonzero(targets != preds)

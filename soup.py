@@ -56,7 +56,7 @@ import runfiles
 from augmentation import create_transform
 from checkpoints import load_checkpoint, prediction_state, save_checkpoint
 from cli import ArgumentParser, default_workers
-from dataset import ImageDataset
+from dataset import ImageDataset, refuse_rows, resolve_image_paths
 from engine import AMP_MODES, make_loader, predict_logits, resolve_amp, resolve_device
 from errors import DataError
 from fileio import WriteError, write_json
@@ -193,39 +193,11 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------------- held-out data
-_MAX_LISTED = 8  # bad rows named in one error line
-
-
-def _refuse_rows(source: str, problems: list[str]) -> None:
-    """One DataError listing the first bad rows of ``source``, if it has any."""
-    if problems:
-        more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise DataError(f"{source}: {len(problems)} bad row(s): " + "; ".join(problems[:_MAX_LISTED]) + more)
-
-
 def _image_paths(rel_paths: list[str], img_dir: Path, problems: list[str]) -> list[str]:
-    """Absolute paths of images named relative to ``img_dir``; one outside it, repeated or missing is a problem,
-    named by its CSV line."""
+    """Absolute paths of images named relative to ``img_dir`` (see dataset.resolve_image_paths)."""
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
-    root = img_dir.resolve()
-    paths: list[str] = []
-    seen: dict[str, int] = {}
-    for line, rel in enumerate(rel_paths, start=2):
-        path = Path(os.path.normpath(root / rel))
-        try:
-            exists = path.is_file()
-        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
-            exists = False
-        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            problems.append(f"line {line}: image_path {rel!r} is outside {img_dir}")
-        elif rel in seen:
-            problems.append(f"line {line}: image_path {rel!r} repeats line {seen[rel]}")
-        elif not exists:
-            problems.append(f"line {line}: image {rel!r} not found in {img_dir}")
-        seen.setdefault(rel, line)
-        paths.append(str(path))
-    return paths
+    return resolve_image_paths(rel_paths, img_dir, problems)
 
 
 def _targets(values: pd.Series, num_classes: int, problems: list[str]) -> np.ndarray:
@@ -245,7 +217,7 @@ def fold_holdout(run_dir: Path, fold: int, num_classes: int) -> Holdout:
     problems: list[str] = []
     targets = _targets(folds["target"], num_classes, problems)
     paths = np.array(_image_paths(folds["image_path"].tolist(), train_dir, problems), dtype=object)
-    _refuse_rows(str(files.folds), problems)
+    refuse_rows(str(files.folds), problems)
     val = folds["fold"].to_numpy() == fold
     if not val.any():
         raise DataError(f"{files.folds}: no image in fold {fold}'s validation split")
@@ -269,7 +241,7 @@ def csv_holdout(csv_path: Path, img_dir: Path, num_classes: int) -> Holdout:
     problems: list[str] = []
     targets = _targets(df["target"], num_classes, problems)
     paths = _image_paths(df["image_path"].tolist(), img_dir, problems)
-    _refuse_rows(str(csv_path), problems)
+    refuse_rows(str(csv_path), problems)
     return Holdout(paths, targets, str(csv_path), paths)
 
 

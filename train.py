@@ -594,8 +594,8 @@ def predict_fold(fr: FoldRun) -> None:
 
 
 def fold_finished(files: FoldFiles, num_val: int, num_test: int, num_classes: int) -> bool:
-    """Whether a fold's done record and predictions are whole; damaged ones are set aside (with a warning), so the
-    fold predicts again from its checkpoints, which gives the same files."""
+    """Whether a fold's done record and predictions are whole. A damaged one counts as unfinished (with a warning):
+    the fold resumes from its checkpoints, predicts again and writes the same files over the damaged ones."""
     if not files.done.exists():
         return False
     try:
@@ -604,9 +604,6 @@ def fold_finished(files: FoldFiles, num_val: int, num_test: int, num_classes: in
     except runfiles.RunFileError as e:
         if engine.is_main_process():
             _logger.warning("%s; fold %d predicts again from its checkpoints", str(e).split("; delete")[0], files.fold)
-            with contextlib.suppress(FileNotFoundError):
-                files.done.unlink()
-        engine.barrier()
         return False
     return True
 

@@ -23,7 +23,7 @@ The study folder holds::
     study.db        the Optuna study (SQLite): stop the search at any moment and run the same command again to go on;
                     --trials counts the finished (complete or pruned) trials of the whole study; a trial that was
                     cut short is marked failed and does not count
-    trial_<n>/      the run folder of trial n (args.json, folds.csv, fold_<k>/metrics.csv, ...; see train.py)
+    trial_<n>/      the run folder of trial n (args.json, folds.csv, fold_<k>/metrics.csv, ...; see runfiles.py)
     trials.csv      trial,state,value,epochs,seconds,<searched flags>: every trial so far; the value of a pruned
                     trial is its best before it was stopped
     best.yaml       the best complete trial's settings with the search's fixed flags, for main.py --config (the
@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna
 
+    import runfiles
     from errors import DataError
     from fileio import WriteError
     from model import ModelError
@@ -406,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     file_log = lock = None
     study = fixed = None
     try:
+        inputs = [p for p in (given.get("config"), args.train_csv, args.test_csv) if p is not None]
+        runfiles.check_outputs([("--study_dir", opts.study_dir / name) for name in ("study.db", "trials.csv",
+                                                                                    "best.yaml", "tune.log")], inputs)
         try:
             opts.study_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

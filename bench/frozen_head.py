@@ -42,8 +42,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import engine  # noqa: E402
-import inference  # noqa: E402
 import main as suite_main  # noqa: E402
+import predictions  # noqa: E402
 import runfiles  # noqa: E402
 import train  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
@@ -85,7 +85,7 @@ def train_folds(argv: list, data: Path, csv: Path, count: int) -> argparse.Names
         train.train_fold(args, fold, table, folds, test, run_dir, device, caches=caches)
         seconds.append(time.perf_counter() - start)
         metrics.append(runfiles.read_metrics(runfiles.RunFiles(run_dir).fold(fold)))
-    truth = inference.read_solution(data / "test_solution.csv", test.rel_paths)
+    truth = predictions.read_solution(data / "test_solution.csv", test.rel_paths)
     test_probs = runfiles.read_array(runfiles.RunFiles(run_dir).fold(0).test_probs, (len(test.paths), None), "")
     return argparse.Namespace(seconds=seconds, metrics=metrics, test_acc=float((test_probs.argmax(1) == truth).mean()),
                               train_images=int((folds != 0).sum()), val_images=int((folds == 0).sum()),

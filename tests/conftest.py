@@ -12,6 +12,14 @@ import pytest
 
 # Tests never reach a model hub: the hub client reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (make test runs one worker per core) each worker and the scripts it starts compute on one
+# thread: workers that share the cores run side by side instead of fighting over them. A run and the resumed run it
+# is compared with always share the setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 from dataset import write_subset as make_subset  # noqa: E402
 
@@ -67,3 +75,22 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
     return proc
+
+
+def call_main(main, capsys, *args) -> subprocess.CompletedProcess:
+    """A script's ``main(args)`` in this process (no interpreter start-up), reported as a finished process would be."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, needle: str = "") -> None:
+    """Exit 2, one ``error:`` line on stderr holding ``needle``, nothing on stdout."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "error" in lines[0] and needle in lines[0], lines[0]
+    assert proc.stdout == ""

@@ -151,6 +151,8 @@ def test_folder_layout_and_hash_only(tiny_data, tmp_path, capsys):
 def test_unwritable_out_is_one_line(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # refused before any image is hashed
         audit.main(["--train_dir", str(tiny_data / "train"), "--out", str(blocker / "pairs.csv")])
-    assert str(e.value.code).startswith("audit.py: error: cannot write") and "\n" not in str(e.value.code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"audit.py: error: --out {blocker / 'pairs.csv'}: {blocker} is a file, not a folder"), err

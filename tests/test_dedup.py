@@ -212,7 +212,7 @@ def test_group_holdout(planted, planted_groups, val_ratio, share):
     train, groups = planted[2], planted_groups
     targets = train["target"].to_numpy()
     folds = dedup.make_group_folds(targets, groups, 1, 7, val_ratio=val_ratio)
-    assert set(folds.tolist()) == {-1, 0}  # train.make_folds' convention: 0 validated, -1 never
+    assert set(folds.tolist()) == {-1, 0}  # folds.make_folds' convention: 0 validated, -1 never
     for g in np.unique(groups):
         assert len(set(folds[groups == g].tolist())) == 1
     assert abs((folds == 0).mean() - share) < 0.05

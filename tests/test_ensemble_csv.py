@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import assert_refused, call_main  # noqa: E402
+
 import ensemble_csv  # noqa: E402
 from ensemble_csv import EnsembleError, hard_vote, soft_vote  # noqa: E402
 from predictions import read_probs, read_submission  # noqa: E402
@@ -310,21 +312,8 @@ REFUSALS = [
 
 
 def run_main(capsys, *args: str | Path) -> subprocess.CompletedProcess:
-    """``ensemble_csv.main(args)`` in this process (no interpreter start-up), as a finished process would report."""
-    try:
-        code = ensemble_csv.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
-
-
-def _assert_refused(r: subprocess.CompletedProcess, needle: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "error" in lines[0] and needle in lines[0], lines[0]
-    assert r.stdout == ""
+    """``ensemble_csv.main(args)`` in this process."""
+    return call_main(ensemble_csv.main, capsys, *args)
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -334,7 +323,7 @@ def test_refusal(tmp_path, capsys, case):
     out.write_bytes(SENTINEL)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     r = run_main(capsys, *args, "-o", out)
-    _assert_refused(r, needle)
+    assert_refused(r, needle)
     assert out.read_bytes() == SENTINEL
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert after == before  # no new file (no probs_out, no temporary left behind), nothing touched
@@ -347,7 +336,7 @@ def test_refusal_output_is_an_input(tmp_path, capsys, option):
     original = p2.read_bytes()
     extra = ["-o", tmp_path / "out.csv"] if option == "--probs_out" else []
     r = run_main(capsys, p1, p2, option, p2, *extra)
-    _assert_refused(r, "p2.csv")
+    assert_refused(r, "p2.csv")
     assert p2.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p1.csv", "p2.csv"]
 
@@ -356,7 +345,7 @@ def test_refusal_output_is_an_input_via_other_spelling(subs, tmp_path):
     a = subs[0]
     original = a.read_bytes()
     r = run_cli(*subs, "-o", tmp_path / "sub" / ".." / "a.csv")
-    _assert_refused(r, "a.csv")
+    assert_refused(r, "a.csv")
     assert a.read_bytes() == original
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAST, data_args
+from conftest import FAST, assert_refused, call_main, data_args
 from conftest import run_cli as run_script
 from PIL import Image
 
@@ -30,21 +30,8 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def run_main(capsys, *args: str | Path) -> subprocess.CompletedProcess:
-    """``ensemble_csv.main(args)`` in this process (no interpreter start-up), as a finished process would report."""
-    try:
-        code = ensemble_csv.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
-
-
-def _assert_refused(r: subprocess.CompletedProcess, needle: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "error" in lines[0] and needle in lines[0], lines[0]
-    assert r.stdout == ""
+    """``ensemble_csv.main(args)`` in this process."""
+    return call_main(ensemble_csv.main, capsys, *args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,7 +306,7 @@ def test_cli_fit_weights_refuses_mismatched_runs(tmp_path, capsys, case):
         np.save(bad / "oof_probs.npy", probs)
     before = sorted(p.name for p in tmp_path.iterdir())
     r = run_main(capsys, good, bad, "--fit_weights", "-o", tmp_path / "ens.csv")
-    _assert_refused(r, needle)
+    assert_refused(r, needle)
     assert str(bad) in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
@@ -339,7 +326,7 @@ def test_cli_fit_weights_flag_refusals(tmp_path, capsys, extra, needle):
     if not fit:
         runs = [run / "test_probs.csv" for run in runs]
     r = run_main(capsys, *runs, *fit, *extra, "-o", tmp_path / "ens.csv")
-    _assert_refused(r, needle)
+    assert_refused(r, needle)
     assert not (tmp_path / "ens.csv").exists()
 
 
@@ -348,7 +335,7 @@ def test_cli_fit_weights_refuses_overwriting_a_run_file(tmp_path, capsys):
     a, b = (_fake_run(tmp_path / k, _two_class([0.7, 0.6], targets), targets, np.full((3, 2), 0.5)) for k in "ab")
     original = (b / "oof.csv").read_bytes()
     r = run_main(capsys, a, b, "--fit_weights", "-o", tmp_path / "ens.csv", "--corr_out", b / "oof.csv")
-    _assert_refused(r, "oof.csv")
+    assert_refused(r, "oof.csv")
     assert (b / "oof.csv").read_bytes() == original and not (tmp_path / "ens.csv").exists()
 
 
