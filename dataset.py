@@ -309,6 +309,47 @@ def check_sample_submission(sample_csv: str | os.PathLike, test: Table) -> None:
                             f"{test.source}'s row {i} (ID {i}, image_path {want!r})")
 
 
+# ----------------------------------------------------------------------------------------------- fingerprint
+def _file_stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(splits: dict[str, Table]) -> dict:
+    """A cheap record of the image files of each split (``{"train": table, "test": test}``): every file's size and
+    modification time by its path as written in the CSV, and one digest over them all. Reading no pixels, it takes
+    a stat per image; an edit that keeps both size and time is not seen."""
+    images = {name: {rel: _file_stat(path) for rel, path in zip(table.rel_paths, table.paths, strict=True)}
+              for name, table in splits.items()}
+    digest = hashlib.blake2b(repr(sorted((k, sorted(v.items())) for k, v in images.items())).encode(),
+                             digest_size=16).hexdigest()
+    return {"digest": digest, "images": images}
+
+
+def changed_images(saved: dict, now: dict, splits: dict[str, Table]) -> list[str]:
+    """The images of ``splits`` whose fingerprint entry differs between ``saved`` and ``now`` (changed, replaced,
+    missing, or not there before), first in the splits' row order, then rows the saved fingerprint alone holds; each
+    as its file path and what differs."""
+    if saved["digest"] == now["digest"]:
+        return []
+    changed = []
+    for name, table in splits.items():
+        before, after = saved["images"].get(name, {}), now["images"][name]
+        for rel, path in zip(table.rel_paths, table.paths, strict=True):
+            if rel not in before:
+                changed.append(f"{path} (not in the run before)")
+            elif after[rel] is None:
+                changed.append(f"{path} (missing)")
+            elif before[rel] != after[rel]:
+                what = "size" if before[rel] is None or before[rel][0] != after[rel][0] else "modification time"
+                changed.append(f"{path} ({what} differs)")
+        changed += [f"{name} image {rel} (no longer listed)" for rel in before if rel not in after]
+    return changed
+
+
 # ----------------------------------------------------------------------------------------------- decoded cache
 CACHE_MODES = ("none", "ram", "disk")
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import engine
+import limits
 import predictions
 import runfiles
 from augmentation import create_transform
@@ -87,6 +88,9 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     """The run's arguments, the checkpoints to predict with, the output and its probability file beside it."""
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         parser.error("--batch_size must be at least 1 and --num_workers not negative")
+    for flag in ("batch_size", "num_workers"):
+        if (refusal := limits.bound_error(flag, getattr(args, flag))) is not None:
+            parser.error(refusal)
     if not runfiles.is_run(args.save_dir):
         parser.error(f"--save_dir {args.save_dir}: no run here (args.json missing)")
     run_args = runfiles.read_args(args.save_dir, required={"test_dir": (str, type(None)), "test_csv": (str, type(None)),

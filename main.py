@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+import limits
 from augmentation import AUGMENTATIONS
 from cli import ArgumentParser, default_cache_gb, default_workers
 from loss import LOSSES
@@ -36,7 +39,7 @@ PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
                        "test_solution", "skip_image_check", "sample_submission", "cache", "cache_dir", "cache_gb",
-                       "eval_batch_size", "compile"}
+                       "eval_batch_size", "compile", "accept_changed_data"}
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +99,10 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--skip_bad_images", action="store_true",
                       help="leave unreadable training images out, with a warning, instead of stopping (default: "
                            "stop); unreadable test images always stop the run")
+    data.add_argument("--accept_changed_data", action="store_true",
+                      help="with --resume_training: go on although training or test images changed on disk since the "
+                           "run began (their size or modification time differ), and record them as they are now "
+                           "(default: refuse, naming the first changed image)")
 
 
 
@@ -108,6 +115,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--pretrained_path", type=Path, default=None,
                        help="start from the weights in this local file instead (timm state dict, safetensors, or a "
                             "checkpoint of this suite)")
+    model.add_argument("--partial_weights", action="store_true",
+                       help="accept pretrained weights (--pretrained or --pretrained_path) that leave part of the "
+                            "backbone unfilled: what fits by name and shape loads, with a warning (default: refuse)")
     model.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier (default: 0)")
     model.add_argument("--drop_path", type=float, default=None,
                        help="stochastic depth rate (default: the model's own)")
@@ -296,8 +306,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         elif _is_run(args.save_dir):
             parser.error(f"--save_dir {args.save_dir} already holds a run: add --resume_training to continue it, "
                          "or choose another --save_dir")
-    if args.eval_batch_size is None:
-        args.eval_batch_size = 2 * args.batch_size
+    if args.eval_batch_size is None:  # twice the batch, within the bound a given value has
+        args.eval_batch_size = min(2 * args.batch_size, limits.MAX_BATCH_SIZE)
     _check_args(parser, args)
     return args
 
@@ -325,6 +335,8 @@ def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) 
     args = argparse.Namespace(**{k: merged.get(k, v) for k, v in vars(args).items()})
     args.saved_world_size = saved.get("world_size", 1)
     args.save_dir, args.resume_training = save_dir, True
+    # Consent to changed images holds for this command alone, never for later resumes through args.json.
+    args.accept_changed_data = bool(given.get("accept_changed_data", False))
     for key in PATH_FLAGS:
         if getattr(args, key) is not None:
             setattr(args, key, Path(getattr(args, key)))
@@ -341,6 +353,9 @@ def _check_args(parser, args: argparse.Namespace) -> None:
                  "num_workers", "drop_path", "clip_grad", "focal_gamma", "cache_gb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    for flag in limits.BOUNDS:
+        if (refusal := limits.bound_error(flag, getattr(args, flag))) is not None:
+            parser.error(refusal)
     if args.learning_rate == 0:
         parser.error("--learning_rate must be positive")
     if args.min_lr > args.learning_rate:
@@ -489,10 +504,12 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     table, test, pseudo, truth = _read_data(args, main_process)
     folds = load_or_make_folds(args, table)
     train.check_test_rows(args, test)
-    train.preflight(args, table, folds)
+    fingerprint, data_note = _check_data_unchanged(args, table, test)
+    train.preflight(args, table, folds, test, pseudo)
     inputs = [getattr(args, k) for k in ("train_csv", "test_csv", "sample_submission", "test_solution",
                                          "relabel_csv", "pseudo_labels") if getattr(args, k) is not None]
     runfiles.check_outputs([("--output_dir", args.output_dir / f"{args.save_dir.name}.csv")], inputs)
+    claimed = _claimed_copy(args) if main_process else None
     if main_process:
         for flag in ("save_dir", "log_dir", "output_dir"):
             _probe_writable(flag, getattr(args, flag))
@@ -501,9 +518,14 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     if args.resume_training and world != args.world_size:
         logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
                         "result will not repeat the uninterrupted run exactly", args.world_size, world)
-    if main_process and not args.resume_training:
+    if main_process and (not args.resume_training or fingerprint is not None):
         with runfiles.shared_write(args.save_dir):
-            runfiles.write_args(args.save_dir, train.plain_args(args))
+            if not args.resume_training:
+                runfiles.write_args(args.save_dir, train.plain_args(args))
+            if fingerprint is not None:
+                runfiles.write_fingerprint(args.save_dir, fingerprint)
+    if data_note:
+        logging.warning("%s", data_note)
     logging.info("%s run %s: %d training images, %d classes, %d test images%s",
                  "resuming" if args.resume_training else "starting", args.save_dir, len(table.paths),
                  len(table.class_names), len(test.paths), f", {world} processes" if world > 1 else "")
@@ -513,13 +535,93 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
                      pseudo.source)
     summary = train.run(args, table, test, folds, pseudo=pseudo)
     if summary is not None:
-        from fileio import atomic_write
-
-        summary["copy"] = args.output_dir / f"{args.save_dir.name}.csv"
-        with atomic_write(summary["copy"], "wb") as f:
-            f.write(Path(summary["submission"]).read_bytes())
+        summary["copy"] = _copy_submission(args, Path(summary["submission"]), claimed)
         summary["score"] = predictions.accuracy(truth, summary["submission_df"])
     return summary, truth
+
+
+def _check_data_unchanged(args: argparse.Namespace, table, test) -> tuple[dict | None, str | None]:
+    """The images' fingerprint to record in the run folder (None: the recorded one holds) and a warning to log.
+
+    A new run records it. A resume compares it with the recorded one and refuses, in one line naming the first
+    changed image, a run whose images changed under it (its folds would have seen different pixels), unless
+    --accept_changed_data; a run from before fingerprints were recorded resumes with a warning and records it."""
+    import dataset
+    import runfiles
+    from errors import DataError
+
+    splits = {"train": table, "test": test}
+    now = dataset.fingerprint(splits)
+    if not args.resume_training:
+        return now, None
+    path = runfiles.RunFiles(args.save_dir).fingerprint
+    try:
+        saved = runfiles.read_fingerprint(args.save_dir)
+    except runfiles.RunFileError as e:
+        if not args.accept_changed_data:
+            raise
+        return now, f"{e}; --accept_changed_data: recording the images as they are now"
+    if saved is None:
+        return now, f"{path}: missing (a run from before images were fingerprinted); recording them as they are now"
+    changed = dataset.changed_images(saved, now, splits)
+    if not changed:
+        return None, None
+    count = f"{len(changed)} of {sum(len(t.paths) for t in splits.values())} image(s) differ"
+    if not args.accept_changed_data:
+        raise DataError(f"--resume_training: {changed[0]} changed since the run began ({count}, per {path}); its "
+                        "finished epochs saw the old images: start a new --save_dir, or add --accept_changed_data "
+                        "to go on with the images as they are now")
+    return now, f"--accept_changed_data: {changed[0]} changed since the run began ({count}); going on with the " \
+                "images as they are now"
+
+
+def _claimed_copy(args: argparse.Namespace) -> Path | None:
+    """The submission copy an earlier session of this run wrote (recorded in its summary), or, for a run from before
+    copies were recorded, the plain <run name>.csv when it holds this run's submission byte for byte."""
+    import runfiles
+
+    recorded = runfiles.read_copy(args.save_dir)
+    if recorded is not None:
+        return recorded
+    plain, submission = args.output_dir / f"{args.save_dir.name}.csv", runfiles.RunFiles(args.save_dir).submission
+    with contextlib.suppress(OSError):
+        if plain.is_file() and submission.is_file() and plain.read_bytes() == submission.read_bytes():
+            return plain
+    return None
+
+
+def copy_path(output_dir: Path, name: str, own: Path | None) -> Path:
+    """Where a run named ``name`` copies its submission: the copy it wrote before (``own``), else <name>.csv, or
+    <name>-2.csv, -3... when another run's copy (or anything else) holds that name."""
+    pattern = re.compile(rf"{re.escape(name)}(-\d+)?\.csv")
+    if own is not None and Path(os.path.abspath(own)).parent == Path(os.path.abspath(output_dir)) \
+            and pattern.fullmatch(own.name) and not own.is_dir():
+        return output_dir / own.name
+    for n in itertools.count(1):
+        path = output_dir / (f"{name}.csv" if n == 1 else f"{name}-{n}.csv")
+        if not os.path.lexists(path):
+            return path
+    raise AssertionError("unreachable")
+
+
+def _copy_submission(args: argparse.Namespace, submission: Path, claimed: Path | None) -> Path:
+    """Copy the submission to --output_dir (see :func:`copy_path`), record which copy it is, and say so when it is
+    not the plain <run name>.csv. The run-level write lock keeps parallel --fold workers of one run to one copy."""
+    import runfiles
+    from fileio import atomic_write
+
+    with runfiles.shared_write(args.save_dir):
+        copy = copy_path(args.output_dir, args.save_dir.name, runfiles.read_copy(args.save_dir) or claimed)
+        with atomic_write(copy, "wb") as f:
+            f.write(submission.read_bytes())
+        runfiles.record_copy(args.save_dir, copy)
+    plain = args.output_dir / f"{args.save_dir.name}.csv"
+    if copy != plain and os.path.lexists(plain):
+        logging.warning("%s holds another run's submission copy (runs in different folders share the name %s): "
+                        "this run's copy is %s", plain, args.save_dir.name, copy)
+    elif copy != plain:
+        logging.info("this run's submission copy stays %s, where it went before", copy)
+    return copy
 
 
 @contextlib.contextmanager

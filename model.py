@@ -6,6 +6,12 @@ Hugging Face hub (``--pretrained``) or from a local file (``--pretrained_path``:
 safetensors, or a checkpoint of this suite). When the hub cannot be reached the error says so at once instead of
 retrying for a minute.
 
+Pretrained weights are checked tensor by tensor, by name and shape, after timm's own key conversions: one log line
+says how many of the model's tensors they filled (``model X: N of M tensors from FILE (the classifier's K
+replaced)``), and weights that leave part of the backbone unfilled (or a file holding tensors the model does not
+have) are refused in one line naming the source, the count and the first such tensor, unless a partial load is
+asked for (``allow_partial``, the trainer's ``--partial_weights``). The classifier may always be replaced.
+
 Stacking: ``stack:A+B`` (two or more names joined by ``+``, each a key of MODELS or a timm name, e.g.
 ``--model stack:convnext_atto+vit_tiny_patch16_224.augreg_in21k_ft_in1k``) is one model: every backbone is built
 headless (``num_classes=0``, pooled features out), and a single ``Linear(sum of their num_features, num_classes)``
@@ -14,10 +20,14 @@ behind dropout reads the concatenated features. See :class:`StackedModel` for wh
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -113,26 +123,34 @@ def _weights_file(path: str) -> str:
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str | Path | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float | None = None, head: str = "linear") -> nn.Module:
+                 drop_rate: float = 0.0, drop_path_rate: float | None = None, head: str = "linear",
+                 allow_partial: bool = False) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head; weights random, from the hub, or from ``pretrained_path``.
 
     ``head``: ``linear`` (timm's own classifier) or ``mlp`` (see :func:`set_head`); a checkpoint records it.
 
+    Pretrained weights (hub or file) must fill every tensor of the backbone, by name and shape; the classifier may be
+    replaced (its tensors missing, or of another class count). One log line says how many of the model's tensors
+    they filled. Weights that leave a backbone tensor unfilled, or a file holding tensors the model does not have,
+    are a ModelError naming the source, the count and the first such tensor, unless ``allow_partial``
+    (``--partial_weights``): then whatever fits by name and shape loads, with a warning line.
+
     For a stack (``stack:A+B``), ``pretrained`` loads every backbone's hub weights, and ``pretrained_path`` is either
     one checkpoint of the whole stacked model (a trainer checkpoint such as ``fold_0/best.pth``, or its state dict)
     or one file per backbone joined by ``+`` in the stack's order (each what ``--pretrained_path`` takes for that
-    backbone alone); a file path that itself contains ``+`` is read as the whole-stack checkpoint.
+    backbone alone); a file path that itself contains ``+`` is read as the whole-stack checkpoint. The same rule
+    holds for each backbone and for the whole-stack checkpoint.
     """
     if head != "linear":  # built with the linear classifier, which is then replaced
-        return set_head(create_model(name, num_classes, pretrained, pretrained_path, drop_rate, drop_path_rate),
-                        head, drop_rate)
+        return set_head(create_model(name, num_classes, pretrained, pretrained_path, drop_rate, drop_path_rate,
+                                     allow_partial=allow_partial), head, drop_rate)
     full = resolve_model_name(name)
     parts = stack_parts(full)
     pretrained_path = None if pretrained_path is None else str(pretrained_path)  # main.py passes a Path
     if parts is None:
         file = None if pretrained_path is None else _weights_file(pretrained_path)
         return _create_timm(full, name, {"num_classes": num_classes, "drop_rate": drop_rate}, pretrained, file,
-                            drop_path_rate)
+                            drop_path_rate, allow_partial=allow_partial)
     whole, files = None, [None] * len(parts)
     if pretrained_path is not None:
         if Path(pretrained_path).is_file() or "+" not in pretrained_path:
@@ -145,71 +163,69 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, pretrain
                                  "of the whole stack")
             files = [_weights_file(f) for f in files]
     # The backbones' own head dropout stays off: the stack's classifier applies drop_rate once.
-    backbones = [_create_timm(part, name, {"num_classes": 0, "drop_rate": 0.0},
-                              pretrained and whole is None, file, drop_path_rate, stacked=True)
+    backbones = [_create_timm(part, name, {"num_classes": 0, "drop_rate": 0.0}, pretrained and whole is None, file,
+                              drop_path_rate, stacked=True, allow_partial=allow_partial)
                  for part, file in zip(parts, files, strict=True)]
     model = StackedModel(backbones, num_classes, drop_rate, name=full)
     if whole is not None:
-        _load_stack_checkpoint(model, whole, full)
+        _load_stack_checkpoint(model, whole, full, allow_partial)
     return model
 
 
+def _weights_source(full: str, name: str, pretrained: bool, file: str | None, kwargs: dict) -> str | None:
+    """Where the weights of ``full`` come from, for messages (None: random); sets timm's arguments in ``kwargs``.
+
+    For the hub: ModelError when timm has no weights for the model; with the hub offline or unreachable, timm is
+    told to read the local cache alone, so a missing download fails in seconds rather than after retries.
+    """
+    if file is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(file))})
+        return file
+    if not pretrained:
+        return None
+    kwargs["pretrained"] = True
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    address = _hub_address(full)
+    if address is None:
+        raise ModelError(f"--model {name}: timm has no pretrained weights for {full}; drop --pretrained")
+    # Behind a proxy a direct connection proves nothing: leave the check to the hub client.
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if offline or (not proxied and not _hub_reachable(address)):
+        # Weights already cached still load. The hub client reads HF_HUB_OFFLINE once at import, so set its
+        # constant too.
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True
+        return "the local hub cache"
+    return "the hub"
+
+
 def _create_timm(full: str, name: str, kwargs: dict, pretrained: bool, file: str | None,
-                 drop_path_rate: float | None, stacked: bool = False) -> nn.Module:
+                 drop_path_rate: float | None, stacked: bool = False, allow_partial: bool = False) -> nn.Module:
     """One timm model ``full`` (``name``: what --model says, for messages), weights from ``file``, the hub or none.
 
     ``stacked``: a backbone of a stack, built with ``dynamic_img_size=True`` where the architecture has it (ViTs),
-    so it takes any input size.
+    so it takes any input size. The weights are checked as :func:`create_model` says.
     """
     kwargs = dict(kwargs)
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
-    if file is not None:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(file))})
-        source = file
-    elif pretrained:
-        kwargs["pretrained"] = True
-        source = "the hub"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        address = _hub_address(full)
-        if address is None:
-            raise ModelError(f"--model {name}: timm has no pretrained weights for {full}; drop --pretrained")
-        # Behind a proxy a direct connection proves nothing: leave the check to the hub client.
-        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-        if offline or (not proxied and not _hub_reachable(address)):
-            # Fail in seconds rather than after a minute of retries; weights already cached still load. The hub
-            # client reads HF_HUB_OFFLINE once at import, so set its constant too.
-            import huggingface_hub.constants as hf_constants
-
-            hf_constants.HF_HUB_OFFLINE = True
-            source = "the local hub cache"
-    else:
-        source = None
-    strict_file = stacked and file is not None
+    source = _weights_source(full, name, pretrained, file, kwargs)
+    offered: dict = {}
     try:
-        if strict_file:
-            # timm loads a file leniently whenever it replaces the head, so a backbone handed the wrong file would
-            # keep its random weights with a mere warning. Built with the file's own head instead, every weight must
-            # come from the file (timm's conversions still apply); the head is dropped after.
-            state = dict(timm.models.load_state_dict(file, weights_only=True))  # never runs code from the file
-            classes = _head_classes(full, state)
-            kwargs.update(num_classes=classes, pretrained_cfg_overlay={"state_dict": state, "num_classes": classes})
-        model = None
-        if stacked:
-            try:
-                model = timm.create_model(full, dynamic_img_size=True, **kwargs)
-            except TypeError as e:  # not a ViT-style model: its input size is free anyway
-                if "dynamic_img_size" not in str(e):
-                    raise
-        if model is None:
-            model = timm.create_model(full, **kwargs)
-        if strict_file:
-            model.pretrained_cfg.pop("state_dict", None)  # the loaded copy would otherwise stay in memory
-            model.reset_classifier(0)
+        with _recorded_load(offered):
+            model = None
+            if stacked:
+                try:
+                    model = timm.create_model(full, dynamic_img_size=True, **kwargs)
+                except TypeError as e:  # not a ViT-style model: its input size is free anyway
+                    if "dynamic_img_size" not in str(e):
+                        raise
+            if model is None:
+                model = timm.create_model(full, **kwargs)
     except Exception as e:  # an unreadable file fails in many ways (EOFError, struct.error, SafetensorError...)
         if file is not None:
-            reason = _first_line(e)
-            raise ModelError(f"--pretrained_path {file}: cannot load into {full} ({reason})") from None
+            raise ModelError(f"--pretrained_path {file}: cannot load into {full} ({_first_line(e)})") from None
         if source is not None and isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
             raise ModelError(f"--model {name}: pretrained weights for {full} cannot be fetched from {source} "
                              "(no connection to the hub); download them elsewhere and pass --pretrained_path FILE"
@@ -219,16 +235,158 @@ def _create_timm(full: str, name: str, kwargs: dict, pretrained: bool, file: str
             raise ModelError(f"--drop_path: {full} does not take a stochastic depth rate") from None
         raise
     if source is not None:
-        _logger.info("model %s: pretrained weights from %s", full, source)
+        refusal = (f"--pretrained_path {file}: cannot load into {full}" if file is not None
+                   else f"--model {name}: the pretrained weights from {source} cannot load into {full}")
+        # timm's own hub weights may hold tensors a model variant drops (an unused attention pool): not refused.
+        _check_fill(model, offered.get("shapes"), full, source, refusal, allow_partial, extra=file is not None)
     return model
 
 
-def _head_classes(full: str, state: dict) -> int:
-    """Rows of the classifier of ``full`` in a state dict (0: the file has none)."""
-    cfg = timm.models.get_pretrained_cfg(full)
-    classifier = getattr(cfg, "classifier", None) or "head"
-    weight = state.get(f"{classifier if isinstance(classifier, str) else classifier[0]}.weight")
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim >= 2 else 0
+# timm's loaders log every step at INFO; the fill line of _check_fill says what matters in one line.
+_TIMM_LOGGERS = ("timm.models._builder", "timm.models._helpers")
+_LOADING = threading.RLock()
+
+
+@contextlib.contextmanager
+def _quiet_timm() -> Iterator[None]:
+    """timm's loading loggers at WARNING while open (one load at a time: the lock is held)."""
+    with _LOADING:
+        loggers = [logging.getLogger(n) for n in _TIMM_LOGGERS]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _recorded_load(record: dict) -> Iterator[None]:
+    """While open, a model timm builds with pretrained weights loads them through :func:`_fitting_weights`, and
+    ``record["shapes"]`` gets the name and shape of every tensor offered.
+
+    timm's ``load_pretrained`` reads the file or download, applies the architecture's own key conversions
+    (``pretrained_filter_fn``: renamed keys, resampled position embeddings), adapts the input convolution, drops the
+    classifier when the class count differs, and hands the result to ``model.load_state_dict``: that last call is
+    where the tensors are counted, so the count is of what timm really offers, after its conversions.
+    """
+    builder = timm.models._builder
+    original = builder.load_pretrained
+
+    def load_pretrained(model: nn.Module, *args, **kwargs) -> None:
+        def load_state_dict(state_dict, strict: bool = True, assign: bool = False):
+            record["shapes"] = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+            return type(model).load_state_dict(model, _fitting_weights(model, state_dict), strict=False, assign=assign)
+
+        model.load_state_dict = load_state_dict  # this instance only, for this one call
+        try:
+            original(model, *args, **kwargs)
+        finally:
+            del model.load_state_dict
+
+    with _quiet_timm():
+        builder.load_pretrained = load_pretrained
+        try:
+            yield
+        finally:
+            builder.load_pretrained = original
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier")
+    return (names,) if isinstance(names, str) else tuple(names or ())
+
+
+def _in(key: str, modules: tuple[str, ...]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in modules)
+
+
+def _fitting_weights(model: nn.Module, state: dict) -> dict:
+    """The tensors of ``state`` that ``model`` has by name and shape; the classifier's only if all of it fits (a
+    classifier of another class count is left whole to its fresh initialisation)."""
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items()
+            if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(own[k].shape)}
+    head = [k for k in own if _in(k, _classifier_names(model))]
+    if not all(k in fits for k in head):
+        fits = {k: v for k, v in fits.items() if k not in head}
+    return fits
+
+
+@dataclass
+class WeightsFill:
+    """How far weights (tensor names and shapes) fill a model; see :func:`weights_fill`."""
+
+    total: int  # the model's tensors
+    needed: int  # of those, the ones the weights must fill (all but a replaceable classifier's)
+    filled: int  # the model's tensors the weights hold by name and shape
+    replaced: int  # classifier tensors the weights do not hold: a fresh classifier
+    missing: list[str] = field(default_factory=list)  # needed tensors not held: "name", or with both shapes
+    extra: list[str] = field(default_factory=list)  # tensors of the weights the model does not have
+
+    def problems(self, extra: bool = True) -> list[str]:
+        """What the weights lack (and, with ``extra``, what they hold beyond the model), each with a count."""
+        out = []
+        if self.missing:
+            out.append(f"{len(self.missing)} of its {self.needed} {'backbone ' if self.needed < self.total else ''}"
+                       f"tensors missing or of another shape, first: {self.missing[0]}")
+        if extra and self.extra:
+            out.append(f"{len(self.extra)} {'tensor' if len(self.extra) == 1 else 'tensors'} not in the model, "
+                       f"first: {self.extra[0]}")
+        return out
+
+    def summary(self, full: str, source: str) -> str:
+        """``model X: N of M tensors from SOURCE (the classifier's K replaced)``."""
+        return (f"model {full}: {self.filled} of {self.total} tensors from {source}"
+                + (f" (the classifier's {self.replaced} replaced)" if self.replaced else ""))
+
+
+def weights_fill(model: nn.Module, shapes: dict[str, tuple[int, ...]], replace_head: bool = True,
+                 counters: bool = False) -> WeightsFill:
+    """How far weights whose tensors have these names and ``shapes`` fill ``model``'s state dict.
+
+    ``replace_head``: the classifier (``pretrained_cfg['classifier']``) need not be filled, and tensors under its
+    name that the model lacks (another head's) are not extra. ``counters``: BatchNorm's ``num_batches_tracked``
+    counts too (it is no weight, and files often lack it, so by default it is left out on both sides).
+    """
+    def counted(k: str) -> bool:
+        return counters or not k.endswith("num_batches_tracked")
+
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if counted(k)}
+    head = _classifier_names(model) if replace_head else ()
+    shapes = {k: tuple(v) for k, v in shapes.items() if counted(k)}
+    fitting = _fitting_weights(model, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
+    filled = [k for k in own if k in fitting]
+    missing = [k if k not in shapes else f"{k} (weights {list(shapes[k])}, model {list(own[k])})"
+               for k in own if k not in fitting and not _in(k, head)]
+    return WeightsFill(
+        total=len(own), needed=sum(not _in(k, head) for k in own), filled=len(filled),
+        replaced=sum(_in(k, head) and k not in fitting for k in own), missing=missing,
+        extra=[k for k in shapes if k not in own and not _in(k, head)])
+
+
+def _check_fill(model: nn.Module, shapes: dict | None, full: str, source: str, refusal: str, allow_partial: bool,
+                extra: bool = True) -> None:
+    """Log how far the weights offered (``shapes``) filled ``model``; ModelError ``refusal (why); ...`` where they
+    fall short (``extra``: or hold tensors the model lacks), unless ``allow_partial``."""
+    if shapes is None:
+        if not model.pretrained_cfg.get("custom_load"):  # timm loaded them some other way: nothing was counted
+            raise ModelError(f"{refusal} (the weights did not pass through the model's load_state_dict, so what "
+                             "they fill is unknown)")
+        # A model that reads its own format (timm's custom_load, .npz) names each tensor it reads.
+        _logger.info("model %s: pretrained weights from %s (read by the model's own loader)", full, source)
+        return
+    fill = weights_fill(model, shapes)
+    problems = fill.problems(extra)
+    if problems and not allow_partial:
+        raise ModelError(f"{refusal} ({'; '.join(problems)}); pass --partial_weights if a partial load is meant")
+    if problems:
+        _logger.warning("%s; %s; loaded anyway (--partial_weights)", fill.summary(full, source), "; ".join(problems))
+    else:
+        _logger.info("%s", fill.summary(full, source))
 
 
 def _first_line(e: Exception) -> str:
@@ -238,24 +396,18 @@ def _first_line(e: Exception) -> str:
     return text[:200] or type(e).__name__
 
 
-def _load_stack_checkpoint(model: StackedModel, path: str, full: str) -> None:
+def _load_stack_checkpoint(model: StackedModel, path: str, full: str, allow_partial: bool = False) -> None:
     """Load a checkpoint of a whole stacked model into ``model``; a head of another class count is left fresh."""
+    refusal = f"--pretrained_path {path}: cannot load into {full}"
     try:
         # timm's reader: weights only (never runs code from the file), a trainer checkpoint's "model" entry.
-        state = dict(timm.models.load_state_dict(path, weights_only=True))
-        own = model.state_dict()
-        head = [k for k in own if k.startswith("head.")]
-        if any(k in state and state[k].shape != own[k].shape for k in head):  # another class count
-            for k in head:
-                state.pop(k, None)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in head]
-        if missing or unexpected:
-            raise ValueError(f"{len(missing)} weights missing (first: {(missing or ['-'])[0]}), "
-                             f"{len(unexpected)} not in the model (first: {(unexpected or ['-'])[0]})")
+        with _quiet_timm():
+            state = dict(timm.models.load_state_dict(path, weights_only=True))
+        model.load_state_dict(_fitting_weights(model, state), strict=False)
     except Exception as e:  # an unreadable or foreign file fails in many ways
-        raise ModelError(f"--pretrained_path {path}: cannot load into {full} ({_first_line(e)})") from None
-    _logger.info("model %s: weights from %s", full, path)
+        raise ModelError(f"{refusal} ({_first_line(e)})") from None
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    _check_fill(model, shapes, full, path, refusal, allow_partial)
 
 
 class _Renormalize(nn.Module):

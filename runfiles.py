@@ -17,7 +17,8 @@ A run folder (``main.py --save_dir``) holds everything needed to continue or use
     oof.csv, oof_probs.npy out-of-fold predictions for every validated training image
     test_probs.csv         test probabilities averaged over the folds (ID,image_path,prob_0..)
     submission.csv         ID,image_path,target in test.csv's order
-    summary.json           OOF accuracy and per-fold results
+    summary.json           OOF accuracy, per-fold results and the --output_dir copy of the submission it wrote
+    fingerprint.json       size and modification time of every training and test image (a resume checks them)
     train.log              the log
     .lock, .write.lock     the writers' locks (lock_run)
 
@@ -55,6 +56,7 @@ OOF_PROBS = "oof_probs.npy"
 TEST_PROBS = "test_probs.csv"
 SUBMISSION = "submission.csv"
 SUMMARY = "summary.json"
+FINGERPRINT = "fingerprint.json"
 FEATURES = "features"
 PLOTS = "plots"
 LOCK = ".lock"
@@ -66,8 +68,8 @@ CHECKPOINT_KINDS = ("last", "best", "snapshot")
 _FOLD_RE = re.compile(r"fold_(\d+)")
 _SNAPSHOT_RE = re.compile(r"snapshot_(\d+)\.pth")
 # Names a run owns at its top level: no tool may write over them (see check_outputs).
-_OWNED = {ARGS, FOLDS, TEST_ROWS, OOF, OOF_PROBS, TEST_PROBS, SUBMISSION, SUMMARY, FEATURES, PLOTS, LOCK, WRITE_LOCK,
-          "oof_probs.csv", "train.log"}
+_OWNED = {ARGS, FOLDS, TEST_ROWS, OOF, OOF_PROBS, TEST_PROBS, SUBMISSION, SUMMARY, FINGERPRINT, FEATURES, PLOTS, LOCK,
+          WRITE_LOCK, "oof_probs.csv", "train.log"}
 
 
 class RunFileError(DataError):
@@ -130,6 +132,7 @@ class RunFiles:
         self.oof, self.oof_probs = self.root / OOF, self.root / OOF_PROBS
         self.test_probs, self.submission, self.summary = self.root / TEST_PROBS, self.root / SUBMISSION, \
             self.root / SUMMARY
+        self.fingerprint = self.root / FINGERPRINT
         self.plots, self.features = self.root / PLOTS, self.root / FEATURES
         self.lock, self.write_lock = self.root / LOCK, self.root / WRITE_LOCK
 
@@ -472,6 +475,52 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> None:
 def read_summary(run_dir: str | os.PathLike) -> dict:
     """The run's summary.json."""
     return _read_json_object(RunFiles(run_dir).summary, "run main.py --resume_training on the run to write it again")
+
+
+def read_copy(run_dir: str | os.PathLike) -> Path | None:
+    """The --output_dir copy of the submission this run wrote last (summary.json's ``copy``), or None: no summary
+    yet, none recorded, or a damaged summary (which the run rewrites)."""
+    try:
+        value = read_summary(run_dir).get("copy")
+    except RunFileError:
+        return None
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def record_copy(run_dir: str | os.PathLike, copy: str | os.PathLike) -> None:
+    """Record in summary.json the submission copy this run just wrote (absolute, so a resume from another working
+    folder still knows it)."""
+    summary = read_summary(run_dir)
+    summary["copy"] = os.path.abspath(copy)
+    write_summary(run_dir, summary)
+
+
+def read_fingerprint(run_dir: str | os.PathLike) -> dict | None:
+    """The images' fingerprint recorded when the run began (see dataset.fingerprint), or None for a run from before
+    fingerprints were recorded. Each entry is checked: [size, mtime_ns] or null for a file that was missing."""
+    path = RunFiles(run_dir).fingerprint
+    if not path.exists():
+        return None
+    todo = "delete it to record the images as they are now, or resume with --accept_changed_data"
+    data = _read_json_object(path, todo)
+    images = data.get("images")
+    if not isinstance(data.get("digest"), str) or not isinstance(images, dict):
+        raise RunFileError(f"{path}: damaged (no digest or images); {todo}")
+    for split, entries in images.items():
+        if not isinstance(entries, dict):
+            raise RunFileError(f"{path}: damaged ({split} is {type(entries).__name__}, not an object); {todo}")
+        for rel, entry in entries.items():
+            if entry is not None and not (isinstance(entry, list) and len(entry) == 2 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)):
+                raise RunFileError(f"{path}: damaged ({split} image {rel}: {entry!r}); {todo}")
+    return data
+
+
+def write_fingerprint(run_dir: str | os.PathLike, fingerprint: dict) -> None:
+    """Record the images' fingerprint (when a run begins, or when a resume accepts changed images)."""
+    with atomic_write(RunFiles(run_dir).fingerprint) as f:
+        json.dump(fingerprint, f, separators=(",", ":"))  # compact: one entry per image adds up on large sets
+        f.write("\n")
 
 
 def as_json(value: Any) -> Any:

@@ -7,10 +7,10 @@
 
 Ingredients are checkpoints of this suite (``fold_<i>/best.pth``, ``last.pth``, or copies of them): a run folder
 stands for its ``fold_<F>/best.pth`` and ``fold_<F>/last.pth`` (``--fold``, the same file once when one is a link to
-the other). They must share the architecture, the class count, every weight's name and shape, and the input
-pipeline (image size, normalization); soups help when the ingredients were fine-tuned from the same start (same
-pretrained weights; with random initialization, the same ``--seed``), as runs that differ only in their
-hyperparameters are.
+the other). They must share the architecture, the class count, every weight's name and shape (all the weights
+of that architecture, none missing and none beyond), and the input pipeline (image size, normalization); soups
+help when the ingredients were fine-tuned from the same start (same pretrained weights; with random
+initialization, the same ``--seed``), as runs that differ only in their hyperparameters are.
 
 * **uniform**: the mean of the state dicts. Floating-point tensors (weights, BatchNorm running means and variances)
   are averaged in float64 and cast back; integer buffers (BatchNorm ``num_batches_tracked``) come from the first
@@ -60,7 +60,7 @@ from dataset import ImageDataset, refuse_rows, resolve_image_paths
 from engine import AMP_MODES, make_loader, predict_logits, resolve_amp, resolve_device
 from errors import DataError
 from fileio import WriteError, write_json
-from model import ModelError, create_model
+from model import ModelError, create_model, weights_fill
 
 _logger = logging.getLogger("soup")
 
@@ -155,10 +155,26 @@ def load_ingredient(path: Path) -> Ingredient:
     return Ingredient(path, _run_dir_of(path), fold if isinstance(fold, int) else None, ckpt)
 
 
+def check_fills_model(ing: Ingredient) -> None:
+    """Refuse, naming the file, an ingredient whose weights do not fill exactly the model it names (every tensor,
+    BatchNorm counters and classifier included, by name and shape; none beyond); ModelError for a model timm lacks."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = create_model(ing.meta["model_name"], ing.meta["num_classes"], head=ing.meta.get("head", "linear"))
+    fill = weights_fill(model, {k: tuple(v.shape) for k, v in ing.meta["model"].items()}, replace_head=False,
+                        counters=True)
+    problems = fill.problems()
+    if problems:
+        raise DataError(f"{ing.path}: its weights do not fill {ing.meta['model_name']} ({'; '.join(problems)}); a "
+                        "soup averages complete checkpoints")
+
+
 def check_compatible(ingredients: list[Ingredient]) -> None:
-    """Refuse, naming the file, an ingredient whose architecture, classes, weights or input pipeline differ."""
+    """Refuse, naming the file, an ingredient whose architecture, classes, weights or input pipeline differ, or
+    whose weights do not fill the model (see :func:`check_fills_model`: the first ingredient against the model,
+    the others against the first)."""
     ref = ingredients[0]
     ref_state = ref.meta["model"]
+    check_fills_model(ref)
     for ing in ingredients[1:]:
         for key in ("model_name", "num_classes"):
             if ing.meta[key] != ref.meta[key]:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 import engine
 import faults
 import features
+import limits
 import plots
 import predictions
 import runfiles
@@ -285,7 +286,8 @@ def build_training(args: argparse.Namespace, num_classes: int, num_train: int, d
     """
     model = create_model(args.model, num_classes, pretrained=args.pretrained and load_pretrained,
                          pretrained_path=args.pretrained_path if load_pretrained else None,
-                         drop_rate=args.drop_rate, drop_path_rate=args.drop_path, head=args.head)
+                         drop_rate=args.drop_rate, drop_path_rate=args.drop_path, head=args.head,
+                         allow_partial=args.partial_weights)
     if args.freeze_backbone:  # before the optimizer and the EMA: they take the parameters left trainable
         features.freeze_backbone(model, args.unfreeze_blocks)
     data_cfg = model_data_config(model)
@@ -648,9 +650,12 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None:
+def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray, test: Table | None = None,
+              pseudo: Table | None = None) -> None:
     """Everything a fold would refuse, checked before the run writes anything: precision for the device, batch
-    size against the smallest training split, and the model itself, built once with its pretrained weights."""
+    size against the smallest training split, the decoded-image cache and batches against the memory there is
+    (with ``test`` and ``pseudo`` counted in the cache when given), and the model itself, built once with its
+    pretrained weights."""
     device = engine.resolve_device(args.device)
     engine.resolve_amp(args.amp, device)
     fold_ids = requested_folds(args)
@@ -659,13 +664,17 @@ def preflight(args: argparse.Namespace, table: Table, folds: np.ndarray) -> None
     if smallest < args.batch_size:
         raise DataError(f"--batch_size {args.batch_size} is larger than the smallest training split "
                         f"({smallest} images{' per process' if world > 1 else ''}); lower it or use fewer folds")
+    cached = len(table.paths) + sum(len(t.paths) for t in (test, pseudo) if t is not None)
+    if (problem := limits.memory_problem(args, cached, world)) is not None:
+        raise DataError(problem)
     if args.feature_cache == "on" and features.cache_conflict(args, world):
         raise DataError(f"--feature_cache on: {features.cache_conflict(args, world)}")
     files = RunFiles(args.save_dir)
     if not any(files.fold(f).dir.exists() for f in fold_ids):
         model = create_model(args.model, len(table.class_names), pretrained=args.pretrained,
                              pretrained_path=args.pretrained_path, drop_rate=args.drop_rate,
-                             drop_path_rate=args.drop_path, head=args.head)
+                             drop_path_rate=args.drop_path, head=args.head,
+                             allow_partial=args.partial_weights)
         if args.freeze_backbone:  # an --unfreeze_blocks beyond the model's blocks is refused here
             features.freeze_backbone(model, args.unfreeze_blocks)
 
@@ -738,6 +747,8 @@ def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dic
     submission = predictions.write_submission(test_probs, test.rel_paths, files.submission)
     summary = {"oof_acc": oof_acc, "oof_images": len(idx), "folds_done": done, "fold_val_acc": per_fold,
                "class_names": table.class_names, "submission": str(files.submission)}
+    if (copy := runfiles.read_copy(run_dir)) is not None:  # the copy this run owns in --output_dir stays its own
+        summary["copy"] = str(copy)
     runfiles.write_summary(run_dir, summary)
     try:
         plots.write_run_plots(run_dir)

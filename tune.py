@@ -356,7 +356,7 @@ def _read_once(args: argparse.Namespace):
     if args.sample_submission is not None:
         check_sample_submission(args.sample_submission, test)
     folds = load_or_make_folds(args, table)
-    train.preflight(args, table, folds)
+    train.preflight(args, table, folds, test)
     return table, test, folds
 
 

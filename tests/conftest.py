@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -77,13 +79,36 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, check: bool = True
     return proc
 
 
-def call_main(main, capsys, *args) -> subprocess.CompletedProcess:
-    """A script's ``main(args)`` in this process (no interpreter start-up), reported as a finished process would be."""
+@contextlib.contextmanager
+def fresh_logging():
+    """The root logger as a new interpreter has it (no handlers, level WARNING), restored afterwards: a script's
+    ``main`` run in this process prints what ``python script.py`` would, including warnings logged before it sets up
+    its logging, which reach stderr through ``logging.lastResort`` (pytest's own log capture would swallow them)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
+def call_main(main, capsys, *args, check: bool = False) -> subprocess.CompletedProcess:
+    """A script's ``main(args)`` in this process (no interpreter start-up), reported as a finished process would be;
+    with ``check``, fail with its output unless it returned 0 (as :func:`run_cli` does)."""
     try:
         code = main([str(a) for a in args])
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"{main.__module__}.main exited {code}\nSTDOUT:\n{captured.out}\nSTDERR:\n{captured.err}")
     return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 

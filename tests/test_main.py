@@ -1,28 +1,38 @@
-"""End-to-end runs of main.py on real sketches: artifacts, CSV contracts, folds, resume after SIGKILL, bad input."""
+"""End-to-end runs of main.py on real sketches, in this process: artifacts, CSV contracts, folds, bad input.
+
+Kill-and-resume, torchrun and other multi-process runs are in test_resume.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAST, ROOT, SHARED, data_args, make_subset, run_cli
+from conftest import FAST, ROOT, SHARED, call_main, data_args, files_of, fresh_logging, make_subset
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
+import ensemble_csv
+import inference
 import main as main_module
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}  # a lock holds its holder's pid, nothing of the run
+def _main(capsys, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python main.py ARGS``, in this process."""
+    with fresh_logging():
+        return call_main(main_module.main, capsys, *args, check=check)
+
+
+def _inference(capsys, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python inference.py ARGS``, in this process."""
+    with fresh_logging():
+        return call_main(inference.main, capsys, *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -92,57 +102,59 @@ def test_submission_matches_sample_submission(kfold_run, tiny_data):
     assert (outputs / "run.csv").read_bytes() == (run / "submission.csv").read_bytes()
 
 
-def test_inference_rebuilds_the_run(kfold_run, tmp_path):
+def test_inference_rebuilds_the_run(kfold_run, tmp_path, capsys):
     run, _, _ = kfold_run
-    run_cli("inference.py", "--save_dir", run, "--output", tmp_path / "all.csv", "--num_workers", "0")
+    _inference(capsys, "--save_dir", run, "--output", tmp_path / "all.csv", "--num_workers", "0")
     assert (tmp_path / "all.csv").read_bytes() == (run / "submission.csv").read_bytes()
     redone = pd.read_csv(tmp_path / "all_probs.csv").filter(like="prob_").to_numpy()
     original = pd.read_csv(run / "test_probs.csv").filter(like="prob_").to_numpy()
     np.testing.assert_allclose(redone, original, atol=1e-5)
 
-    run_cli("inference.py", "--save_dir", run, "--checkpoint", run / "fold_0" / "best.pth",
-            "--output", tmp_path / "f0.csv", "--num_workers", "0")
+    _inference(capsys, "--save_dir", run, "--checkpoint", run / "fold_0" / "best.pth",
+               "--output", tmp_path / "f0.csv", "--num_workers", "0")
     f0 = pd.read_csv(tmp_path / "f0.csv")
     assert (f0["target"] == np.load(run / "fold_0" / "test_probs.npy").argmax(1)).all()
 
     solution = pd.read_csv(ROOT / "data" / "tuberlin10" / "test_solution.csv").head(10)
     solution["target"] = solution["target"] % 4
     solution.to_csv(tmp_path / "solution.csv", index=False)
-    scored = run_cli("inference.py", "--save_dir", run, "--output", tmp_path / "scored.csv", "--num_workers", "0",
-                     "--test_solution", tmp_path / "solution.csv")
+    scored = _inference(capsys, "--save_dir", run, "--output", tmp_path / "scored.csv", "--num_workers", "0",
+                        "--test_solution", tmp_path / "solution.csv")
     expected = (pd.read_csv(tmp_path / "scored.csv")["target"] == solution["target"]).mean()
     assert f"test accuracy: {expected:.4f}" in scored.stdout
 
-    run_cli("ensemble_csv.py", run / "submission.csv", tmp_path / "all.csv", tmp_path / "f0.csv",
-            "-o", tmp_path / "vote.csv")
+    call_main(ensemble_csv.main, capsys, run / "submission.csv", tmp_path / "all.csv", tmp_path / "f0.csv",
+              "-o", tmp_path / "vote.csv", check=True)
     vote = pd.read_csv(tmp_path / "vote.csv")
     assert vote["ID"].tolist() == f0["ID"].tolist()
 
 
-def test_holdout_single_fold_and_folder_layout(tiny_data, tmp_path):
-    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "1", "--val_ratio", "0.25", "--max_epochs", "1",
-            "--save_dir", tmp_path / "holdout", "--output_dir", tmp_path / "out")
+@pytest.mark.slow
+def test_holdout_single_fold_and_folder_layout(tiny_data, tmp_path, capsys):
+    _main(capsys, *data_args(tiny_data), *FAST, "--kfold", "1", "--val_ratio", "0.25", "--max_epochs", "1",
+          "--save_dir", tmp_path / "holdout", "--output_dir", tmp_path / "out")
     folds = pd.read_csv(tmp_path / "holdout" / "folds.csv")
     assert sorted(folds["fold"].unique()) == [-1, 0] and (folds["fold"] == 0).sum() == 12
     assert len(pd.read_csv(tmp_path / "holdout" / "oof.csv")) == 12
 
-    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "3", "--fold", "2", "--max_epochs", "1",
-            "--save_dir", tmp_path / "one", "--output_dir", tmp_path / "out")
+    _main(capsys, *data_args(tiny_data), *FAST, "--kfold", "3", "--fold", "2", "--max_epochs", "1",
+          "--save_dir", tmp_path / "one", "--output_dir", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "one").glob("fold_*")) == ["fold_2"]
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["folds_done"] == [2]
 
     # Class-per-folder layout: no CSVs; the test folder is read in sorted order.
-    run_cli("main.py", "--train_dir", tiny_data / "train", "--test_dir", tiny_data / "test", *FAST, "--kfold", "2",
-            "--max_epochs", "1", "--save_dir", tmp_path / "folders", "--output_dir", tmp_path / "out")
+    _main(capsys, "--train_dir", tiny_data / "train", "--test_dir", tiny_data / "test", *FAST, "--kfold", "2",
+          "--max_epochs", "1", "--save_dir", tmp_path / "folders", "--output_dir", tmp_path / "out")
     sub = pd.read_csv(tmp_path / "folders" / "submission.csv")
     assert sub["image_path"].tolist() == sorted(os.listdir(tiny_data / "test"))
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared TU-Berlin-40 set not present")
-def test_five_folds_on_tuberlin40_match_sample_submission(tmp_path):
+@pytest.mark.slow
+def test_five_folds_on_tuberlin40_match_sample_submission(tmp_path, capsys):
     data = make_subset(SHARED, tmp_path / "data", classes=40, per_class=10, test_images=400)
-    run_cli("main.py", *data_args(data), *FAST, "--kfold", "5", "--max_epochs", "1", "--save_dir", tmp_path / "run",
-            "--output_dir", tmp_path / "out")
+    _main(capsys, *data_args(data), *FAST, "--kfold", "5", "--max_epochs", "1", "--save_dir", tmp_path / "run",
+          "--output_dir", tmp_path / "out")
     assert sorted(p.parent.name for p in (tmp_path / "run").glob("fold_*/done.json")) == [f"fold_{i}" for i in range(5)]
     sub = pd.read_csv(tmp_path / "run" / "submission.csv")
     sample = pd.read_csv(SHARED / "sample_submission.csv")
@@ -151,54 +163,16 @@ def test_five_folds_on_tuberlin40_match_sample_submission(tmp_path):
     assert len(pd.read_csv(tmp_path / "run" / "oof.csv")) == 400
 
 
-def test_resume_after_sigkill_in_fold_two_is_exact(tiny_data, tmp_path):
-    common = [*data_args(tiny_data), *FAST, "--kfold", "3", "--max_epochs", "5", "--deterministic",
-              "--resize_height", "48", "--resize_width", "48", "--mixup", "0.2", "--accumulation_steps", "2",
-              "--drop_rate", "0.3"]
-    run_cli("main.py", *common, "--save_dir", tmp_path / "whole", "--output_dir", tmp_path / "out")
-
-    killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *common, "--save_dir", str(killed),
-                             "--output_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "fold_1" / "last.pth").exists():  # fold 2 has finished its first epoch
-        assert proc.poll() is None and time.time() < deadline, "run ended before reaching fold 2"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "fold_1" / "done.json").exists(), "the kill missed fold 2"
-    assert not (killed / "submission.csv").exists()
-
-    resumed = run_cli("main.py", "--save_dir", killed, "--resume_training", "--num_workers", "2",
-                      "--output_dir", tmp_path / "out")
-    assert "resumed after epoch" in resumed.stderr
-    for name in ("submission.csv", "oof.csv", "test_probs.csv", "folds.csv"):
-        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    np.testing.assert_array_equal(np.load(killed / "oof_probs.npy"), np.load(tmp_path / "whole" / "oof_probs.npy"))
-    for fold in range(3):
-        a = pd.read_csv(killed / f"fold_{fold}" / "metrics.csv").drop(columns=["images_per_sec", "epoch_time",
-                                                                                "peak_rss_mb"])
-        b = pd.read_csv(tmp_path / "whole" / f"fold_{fold}" / "metrics.csv").drop(
-            columns=["images_per_sec", "epoch_time", "peak_rss_mb"])
-        pd.testing.assert_frame_equal(a, b)
-
-    again = run_cli("main.py", "--save_dir", killed, "--resume_training", "--output_dir", tmp_path / "out")
-    assert "already finished" in again.stderr
-    assert (killed / "submission.csv").read_bytes() == (tmp_path / "whole" / "submission.csv").read_bytes()
-
-
-def test_resume_keeps_the_run_arguments(kfold_run, tmp_path):
+def test_resume_keeps_the_run_arguments(kfold_run, tmp_path, capsys):
     run, _, _ = kfold_run
-    before = _snapshot(run)
-    proc = run_cli("main.py", "--save_dir", run, "--resume_training", "--model", "resnet18", check=False)
+    before = files_of(run)
+    proc = _main(capsys, "--save_dir", run, "--resume_training", "--model", "resnet18", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--model was 'test_resnet'" in proc.stderr
-    proc = run_cli("main.py", "--save_dir", run, *FAST, check=False)
+    proc = _main(capsys, "--save_dir", run, *FAST, check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
-    assert _snapshot(run) == before
-    proc = run_cli("main.py", "--save_dir", tmp_path / "nothing", "--resume_training", check=False)
+    assert files_of(run) == before
+    proc = _main(capsys, "--save_dir", tmp_path / "nothing", "--resume_training", check=False)
     assert proc.returncode == 2 and "no run to resume" in proc.stderr
 
 
@@ -296,7 +270,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_data, tmp_path, ca
     assert stderr.strip().count("\n") == 0, stderr
     assert message in stderr, stderr
     assert not (tmp_path / "run").exists()
-    assert _snapshot(outputs) == {"earlier.csv": b"ID,image_path,target\n0,0.JPEG,1\n"}
+    assert files_of(outputs) == {"earlier.csv": b"ID,image_path,target\n0,0.JPEG,1\n"}
 
 
 def test_no_arguments_use_the_bundled_data():
@@ -317,21 +291,21 @@ def test_pixel_limit(tiny_data, tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "exceeds the 10,000-pixel limit" in err
 
 
-def test_skip_bad_images_leaves_them_out(tiny_data, tmp_path):
+def test_skip_bad_images_leaves_them_out(tiny_data, tmp_path, capsys):
     data = make_subset(tiny_data, tmp_path / "data", 4, 12, 10)
     _corrupt(data)
     _image(data, 7).write_bytes(b"")
-    proc = run_cli("main.py", *data_args(data), *FAST[:-1], "--skip_bad_images", "--kfold", "2", "--max_epochs", "1",
-                   "--save_dir", tmp_path / "run", "--output_dir", tmp_path / "out")
+    proc = _main(capsys, *data_args(data), *FAST[:-1], "--skip_bad_images", "--kfold", "2", "--max_epochs", "1",
+                 "--save_dir", tmp_path / "run", "--output_dir", tmp_path / "out")
     assert "skipping 2 unreadable image(s)" in proc.stderr
     folds = pd.read_csv(tmp_path / "run" / "folds.csv")
     train = pd.read_csv(data / "train.csv")
     assert folds["image_path"].tolist() == train["image_path"].drop([3, 7]).tolist()
 
 
-def test_resumed_run_checks_its_flags_and_test_rows(kfold_run, tiny_data):
+def test_resumed_run_checks_its_flags_and_test_rows(kfold_run, tiny_data, capsys):
     run, _, _ = kfold_run
-    proc = run_cli("main.py", "--save_dir", run, "--resume_training", "--fold", "5", check=False)
+    proc = _main(capsys, "--save_dir", run, "--resume_training", "--fold", "5", check=False)
     assert proc.returncode == 2 and "--fold 5 is not one of the 2 fold(s)" in proc.stderr
     saved = {name: (tiny_data / name).read_bytes() for name in ("test.csv", "sample_submission.csv")}
     for name in saved:  # the same images in another order, in test.csv and sample_submission.csv alike
@@ -339,89 +313,26 @@ def test_resumed_run_checks_its_flags_and_test_rows(kfold_run, tiny_data):
         df["image_path"] = df["image_path"].iloc[::-1].tolist()
         df.to_csv(tiny_data / name, index=False)
     try:
-        proc = run_cli("main.py", "--save_dir", run, "--resume_training", check=False)
+        proc = _main(capsys, "--save_dir", run, "--resume_training", check=False)
     finally:
         for name, content in saved.items():
             (tiny_data / name).write_bytes(content)
     assert proc.returncode == 2 and "the test rows differ from those this run predicted" in proc.stderr
 
 
-def test_inference_refuses_a_foreign_checkpoint(kfold_run, tmp_path):
+def test_inference_refuses_a_foreign_checkpoint(kfold_run, tmp_path, capsys, monkeypatch):
     run, _, _ = kfold_run
     (tmp_path / "garbage.pth").write_bytes(b"\x80\x04garbage")
-    proc = run_cli("inference.py", "--save_dir", run, "--checkpoint", tmp_path / "garbage.pth",
-                   "--output", tmp_path / "x.csv", check=False)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "inference.py")])  # argparse names the script after argv[0]
+    proc = _inference(capsys, "--save_dir", run, "--checkpoint", tmp_path / "garbage.pth",
+                      "--output", tmp_path / "x.csv", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("inference.py: error: ")
     assert "not a checkpoint of this suite" in proc.stderr and not (tmp_path / "x.csv").exists()
 
 
-# ----------------------------------------------------------------------------------------------- cache, processes
-OUTPUTS = ("submission.csv", "oof.csv", "test_probs.csv", "oof_probs.npy")
-
-
-def test_cache_modes_give_identical_runs(tiny_data, tmp_path):
-    common = [*data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "2", "--deterministic",
-              "--num_workers", "2", "--output_dir", tmp_path / "out"]
-    runs = {}
-    for mode in ("none", "ram", "disk"):
-        proc = run_cli("main.py", *common, "--cache", mode, "--cache_dir", tmp_path / "cache",
-                       "--save_dir", tmp_path / mode)
-        runs[mode] = {name: (tmp_path / mode / name).read_bytes() for name in OUTPUTS}
-        assert ("image cache" in proc.stderr) == (mode != "none")
-    assert runs["ram"] == runs["none"] and runs["disk"] == runs["none"]
-    assert len(list((tmp_path / "cache" / "32x32").rglob("*.npy"))) == 48 + 10  # every training and test image
-    # The cache changes no result, so a resumed run may switch it.
-    proc = run_cli("main.py", "--save_dir", tmp_path / "ram", "--resume_training", "--cache", "none",
-                   "--output_dir", tmp_path / "out")
-    assert "already finished" in proc.stderr
-
-
-def _torchrun(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """main.py in 2 processes on the CPU (gloo), as ``torchrun --standalone --nproc_per_node 2 main.py`` runs it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "main.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun exited {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
-    return proc
-
-
-def test_torchrun_two_processes_end_to_end_and_exact_resume(tiny_data, tmp_path):
-    common = [*data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "3", "--batch_size", "4",
-              "--deterministic", "--mixup", "0.2", "--accumulation_steps", "2", "--drop_rate", "0.3",
-              "--output_dir", tmp_path / "out"]
-    whole = tmp_path / "whole"
-    proc = _torchrun(*common, "--save_dir", whole)
-    assert proc.stdout.count("OOF accuracy:") == 1  # rank 0 alone reports
-    args = json.loads((whole / "args.json").read_text())
-    assert args["world_size"] == 2
-    oof = pd.read_csv(whole / "oof.csv")
-    assert len(oof) == 48 and sorted(oof["image_path"]) == sorted(pd.read_csv(tiny_data / "train.csv")["image_path"])
-    assert len(pd.read_csv(whole / "submission.csv")) == 10
-    log = (whole / "train.log").read_text()
-    assert log.count("fold 0 epoch 1/3") == 1 and "2 processes" in log  # rank 0's log only
-    for fold in (0, 1):
-        metrics = pd.read_csv(whole / f"fold_{fold}" / "metrics.csv")
-        # 24 images a fold, 12 per process, batches of 4: 3 batches, 2 updates an epoch.
-        assert metrics["updates"].tolist() == [2, 4, 6]
-        probs = np.load(whole / f"fold_{fold}" / "val_probs.npy")
-        assert probs.shape == (24, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    assert not list(whole.rglob(".*.tmp"))
-
-    # Killed in both processes in fold 0's second epoch (step 5 of 3 a epoch), then resumed with torchrun.
-    killed = tmp_path / "killed"
-    proc = _torchrun(*common, "--save_dir", killed, env={"SKETCH_FAULT": "train_step:5"}, check=False)
-    assert proc.returncode != 0 and not (killed / "fold_0" / "done.json").exists()
-    assert (killed / "fold_0" / "last.pth").exists()
-    proc = _torchrun("--save_dir", killed, "--resume_training", "--output_dir", tmp_path / "out")
-    assert "resumed after epoch 1" in proc.stderr
-    for name in OUTPUTS:
-        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
-
-
 # ----------------------------------------------------------------------------------------------- more from each model
-def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path, capsys):
     import checkpoints
     import engine
     from augmentation import create_transform
@@ -429,8 +340,8 @@ def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
     from model import create_model
 
     run = tmp_path / "run"
-    run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "4", "--ema_decay", "0.8",
-            "--tta", "flip", "--snapshots", "2", "--save_dir", run, "--output_dir", tmp_path / "out")
+    _main(capsys, *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "4", "--ema_decay", "0.8",
+          "--tta", "flip", "--snapshots", "2", "--save_dir", run, "--output_dir", tmp_path / "out")
     metrics = pd.read_csv(run / "fold_0" / "metrics.csv")
     assert {"ema_val_acc", "ema_val_loss", "ema_val_f1", "score", "predict_with"} <= set(metrics.columns)
     for r in metrics.itertuples():  # each epoch scores and predicts with the better of the model and its EMA
@@ -462,12 +373,13 @@ def test_ema_tta_and_snapshots_predict_as_documented(tiny_data, tmp_path):
     assert not np.allclose(val_probs, plain[0], atol=2e-3)  # neither the plain view nor one snapshot would pass
 
     # inference.py predicts the test set as the run did: the same snapshots, weights and TTA.
-    run_cli("inference.py", "--save_dir", run)
+    _inference(capsys, "--save_dir", run)
     ours = pd.read_csv(run / "inference_probs.csv").filter(like="prob_").to_numpy()
     np.testing.assert_allclose(ours, pd.read_csv(run / "test_probs.csv").filter(like="prob_").to_numpy(), atol=1e-5)
 
 
-def test_duplicates_stay_in_one_fold(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_duplicates_stay_in_one_fold(tiny_data, tmp_path, capsys):
     from planted import plant_duplicates, row_of
 
     data = tmp_path / "data"
@@ -475,8 +387,8 @@ def test_duplicates_stay_in_one_fold(tiny_data, tmp_path):
     train_csv = pd.read_csv(data / "train.csv")
     for seed in (1, 2):
         run = tmp_path / f"run{seed}"
-        proc = run_cli("main.py", *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", str(seed),
-                       "--save_dir", run, "--output_dir", tmp_path / "out")
+        proc = _main(capsys, *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", str(seed),
+                     "--save_dir", run, "--output_dir", tmp_path / "out")
         folds = pd.read_csv(run / "folds.csv")["fold"].to_numpy()
         for p in plants:
             assert folds[row_of(train_csv, p.source)] == folds[row_of(train_csv, p.copy)], p
@@ -485,12 +397,13 @@ def test_duplicates_stay_in_one_fold(tiny_data, tmp_path):
         counts = pd.crosstab(train_csv["target"], folds)
         assert (counts > 0).all().all()  # still stratified: every class in every fold
     plain = tmp_path / "plain"
-    run_cli("main.py", *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", "1",
-            "--no-group_duplicates", "--save_dir", plain, "--output_dir", tmp_path / "out")
+    _main(capsys, *data_args(data), *FAST, "--kfold", "3", "--max_epochs", "1", "--seed", "1",
+          "--no-group_duplicates", "--save_dir", plain, "--output_dir", tmp_path / "out")
     assert json.loads((plain / "args.json").read_text())["group_duplicates"] is False
 
 
-def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path, capsys):
     first, _, _ = kfold_run
     train_csv = pd.read_csv(tiny_data / "train.csv")
     relabel = tmp_path / "relabel.csv"
@@ -499,9 +412,9 @@ def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path):
     probs = pd.read_csv(first / "test_probs.csv").filter(like="prob_").to_numpy()
     threshold = float(np.sort(probs.max(1))[-4])  # the 4 most confident test images, at least
     run = tmp_path / "second"
-    proc = run_cli("main.py", *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "1",
-                   "--relabel_csv", relabel, "--pseudo_labels", first, "--pseudo_threshold", str(threshold),
-                   "--balance", "oversample", "--save_dir", run, "--output_dir", tmp_path / "out")
+    proc = _main(capsys, *data_args(tiny_data), *FAST, "--kfold", "2", "--max_epochs", "1",
+                 "--relabel_csv", relabel, "--pseudo_labels", first, "--pseudo_threshold", str(threshold),
+                 "--balance", "oversample", "--save_dir", run, "--output_dir", tmp_path / "out")
     expected = int((probs.max(1) >= threshold).sum())
     assert expected >= 4 and f"pseudo-labels: {expected} of 10 test images" in proc.stderr
     assert f"24 train + {expected} pseudo-labelled / 24 val images" in proc.stderr
@@ -509,26 +422,7 @@ def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path):
     assert folds["target"][:3].tolist() == ((train_csv["target"][:3] + 1) % 4).tolist()
     assert folds["target"][3:].tolist() == train_csv["target"][3:].tolist()
     assert len(pd.read_csv(run / "oof.csv")) == 48  # pseudo-labelled images are never validated
-    bad = run_cli("main.py", *data_args(tiny_data), *FAST, "--pseudo_labels", tmp_path / "missing",
-                  "--save_dir", tmp_path / "bad", check=False)
+    bad = _main(capsys, *data_args(tiny_data), *FAST, "--pseudo_labels", tmp_path / "missing",
+                "--save_dir", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--pseudo_labels" in bad.stderr
     assert not (tmp_path / "bad").exists()
-
-
-def test_folds_side_by_side_then_merged(tiny_data, tmp_path):
-    """One process per fold (one per GPU in real life) into one run folder, then one command merges them."""
-    common = [*data_args(tiny_data), *FAST, "--kfold", "3", "--max_epochs", "2", "--deterministic",
-              "--output_dir", tmp_path / "out"]
-    run_cli("main.py", *common, "--save_dir", tmp_path / "whole")
-    run = tmp_path / "split"
-    run_cli("main.py", *common, "--save_dir", run, "--fold", "0")  # creates the run folder
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--save_dir", str(run), "--resume_training",
-                               "--fold", str(fold), "--output_dir", str(tmp_path / "out")], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for fold in (1, 2)]
-    for proc in procs:
-        assert proc.wait(timeout=600) == 0, proc.stderr.read()
-    merged = run_cli("main.py", "--save_dir", run, "--resume_training", "--output_dir", tmp_path / "out")
-    assert "already finished" in merged.stderr and "folds finished:  [0, 1, 2]" in merged.stdout
-    for name in OUTPUTS:
-        assert (run / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

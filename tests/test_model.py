@@ -7,6 +7,7 @@ Nothing here downloads weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -361,6 +362,127 @@ def test_pretrained_path_wins_over_the_hub(source_weights, monkeypatch) -> None:
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items() if not k.startswith(head))
 
 
+# ----------------------------------------------------------------------------------------------- weights that fill it
+# test_resnet: 75 tensors outside its classifier (fc.weight, fc.bias); BatchNorm's num_batches_tracked counters aside.
+BACKBONE = 75
+SHORT = f"of its {BACKBONE} backbone tensors missing or of another shape, first:"
+
+
+def _partial(state: dict[str, torch.Tensor], case: str) -> tuple[dict[str, torch.Tensor], str, int]:
+    """Weights made from test_resnet's ``state`` for ``case``: the dict, what its refusal says in parentheses, and how
+    many of the model's tensors a partial load fills (classifier replaced)."""
+    if case == "only_fc":  # a file with almost none of the model's weights
+        return {"fc.weight": state["fc.weight"]}, f"{BACKBONE} {SHORT} conv1.0.weight", 0
+    if case == "one_missing":
+        drop = "layer2.0.bn1.running_var"
+        return ({k: v for k, v in state.items() if k != drop}, f"1 {SHORT} {drop}",
+                BACKBONE - 1)
+    if case == "wrong_shape":
+        return ({**state, "conv1.0.weight": torch.zeros(8, 3, 3, 3)},
+                f"1 {SHORT} conv1.0.weight (weights [8, 3, 3, 3], model [16, 3, 3, 3])",
+                BACKBONE - 1)
+    if case == "extra":  # a file of a deeper network of the same family
+        return ({**state, "layer5.0.conv1.weight": torch.zeros(4, 4, 1, 1)},
+                "1 tensor not in the model, first: layer5.0.conv1.weight", BACKBONE)
+    raise AssertionError(case)
+
+
+PARTIAL = ["only_fc", "one_missing", "wrong_shape", "extra"]
+REFUSED = "; pass --partial_weights if a partial load is meant"
+
+
+def _save(weights: dict[str, torch.Tensor], path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    else:
+        torch.save(weights, path)
+    return path
+
+
+def _fill_lines(caplog) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("case", PARTIAL)
+def test_partial_file_is_refused_in_one_line(source_weights, tmp_path: Path, caplog, case: str, suffix: str) -> None:
+    weights, why, _ = _partial(source_weights[0], case)
+    path = _save(weights, tmp_path / f"{case}{suffix}")
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ModelError) as info:
+        create_model("test_resnet", num_classes=5, pretrained_path=path)
+    assert str(info.value) == f"--pretrained_path {path}: cannot load into test_resnet ({why}){REFUSED}"
+    assert _fill_lines(caplog) == []  # no "pretrained weights from FILE" before the refusal
+
+
+@pytest.mark.parametrize("case", PARTIAL)
+def test_partial_file_loads_when_asked_with_a_warning(source_weights, tmp_path: Path, caplog, case: str) -> None:
+    weights, why, filled = _partial(source_weights[0], case)
+    path = _save(weights, tmp_path / f"{case}.safetensors")
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        fresh = timm.create_model("test_resnet", num_classes=5).state_dict()
+    caplog.set_level(logging.INFO)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        m = create_model("test_resnet", num_classes=5, pretrained_path=path, allow_partial=True)
+    assert _fill_lines(caplog) == [(logging.WARNING, f"model test_resnet: {filled} of 77 tensors from {path} (the "
+                                    f"classifier's 2 replaced); {why}; loaded anyway (--partial_weights)")]
+    loaded = 0
+    for k, v in m.state_dict().items():  # what fits by name and shape comes from the file, the rest is untouched
+        fits = k in weights and weights[k].shape == v.shape and not k.startswith("fc.")
+        assert torch.equal(v, weights[k] if fits else fresh[k]), k
+        loaded += fits and not k.endswith("num_batches_tracked")
+    assert loaded == filled
+
+
+@pytest.mark.parametrize("num_classes", [5, 1000])
+@pytest.mark.parametrize("case", ["full", "suite_checkpoint", "no_classifier", "classifier_of_10"])
+def test_full_backbone_loads_with_one_info_line(source_weights, tmp_path: Path, caplog, case: str,
+                                                num_classes: int) -> None:
+    state, _ = source_weights
+    path = tmp_path / f"{case}.safetensors"
+    if case == "suite_checkpoint":
+        _suite_checkpoint(path := tmp_path / "best.pth", state)
+    elif case == "no_classifier":
+        _save({k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    elif case == "classifier_of_10":
+        _save({**state, "fc.weight": torch.randn(10, 96), "fc.bias": torch.randn(10)}, path)
+    else:
+        _save(state, path)
+    caplog.set_level(logging.INFO)
+    m = create_model("test_resnet", num_classes=num_classes, pretrained_path=path)
+    own = m.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc."))
+    kept = case in ("full", "suite_checkpoint") and num_classes == 1000
+    assert own["fc.weight"].shape == (num_classes, 96)
+    assert torch.equal(own["fc.weight"], state["fc.weight"]) == kept
+    assert _fill_lines(caplog) == [(logging.INFO, f"model test_resnet: {77 if kept else BACKBONE} of 77 tensors from "
+                                    f"{path}" + ("" if kept else " (the classifier's 2 replaced)"))]
+
+
+@pytest.mark.parametrize("case", ["full", *PARTIAL])
+def test_hub_weights_are_checked_the_same_way(source_weights, monkeypatch, caplog, case: str) -> None:
+    """The hub's download stands in: the weights pass through timm's loader as a download would."""
+    state, _ = source_weights
+    weights, why, filled = (state, "", BACKBONE) if case == "full" else _partial(state, case)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", lambda *a, **k: dict(weights))
+    monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: True)
+    caplog.set_level(logging.INFO)
+    source = "the local hub cache"  # tests run with HF_HUB_OFFLINE=1
+    if case in ("full", "extra"):  # timm's own weights may hold tensors a model variant drops: not refused
+        create_model("test_resnet", num_classes=5, pretrained=True)
+        assert _fill_lines(caplog) == [(logging.INFO, f"model test_resnet: {filled} of 77 tensors from {source} (the "
+                                        "classifier's 2 replaced)")]
+        return
+    with pytest.raises(ModelError) as info:
+        create_model("test_resnet", num_classes=5, pretrained=True)
+    assert str(info.value) == (f"--model test_resnet: the pretrained weights from {source} cannot load into "
+                               f"test_resnet ({why}){REFUSED}")
+    create_model("test_resnet", num_classes=5, pretrained=True, allow_partial=True)
+    assert [level for level, _ in _fill_lines(caplog)] == [logging.WARNING]
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 @pytest.mark.parametrize(
     ("name", "expected"),
@@ -624,3 +746,28 @@ def test_stack_of_registry_backbones() -> None:
     assert has_depthwise_conv(m)
     with torch.no_grad():  # 336 px: neither backbone's native size
         assert m(torch.empty(2, 3, 336, 336, device="meta")).shape == (2, 7)
+
+
+@pytest.mark.parametrize("where", ["backbone_file", "whole_stack"])
+def test_stack_partial_weights_refused_or_asked(source_weights, tmp_path: Path, caplog, where: str) -> None:
+    """A stack holds its backbone files and whole-stack checkpoints to the single model's rule."""
+    resnet_state, folder = source_weights
+    if where == "backbone_file":
+        vit = _save(timm.create_model("test_vit").state_dict(), tmp_path / "vit.safetensors")
+        path = _save({k: v for k, v in resnet_state.items() if k != "layer1.0.conv2.weight"}, tmp_path / "r.pth")
+        value, into, first = f"{path}+{vit}", "test_resnet", "1 of its 75 tensors"  # headless: no classifier
+        dropped = "layer1.0.conv2.weight"
+    else:
+        path = tmp_path / "stack.pth"
+        dropped = "backbones.1.blocks.0.attn.qkv.weight"
+        torch.save({k: v for k, v in _saved_stack(path).items() if k != dropped}, path)
+        value, into, first = str(path), STACK, "1 of its 153 backbone tensors"  # 75 + 78
+    with pytest.raises(ModelError) as info:
+        create_model(STACK, num_classes=4, pretrained_path=value)
+    assert str(info.value) == (f"--pretrained_path {path}: cannot load into {into} ({first} missing or of another "
+                               f"shape, first: {dropped}){REFUSED}")
+    caplog.set_level(logging.INFO)
+    m = create_model(STACK, num_classes=4, pretrained_path=value, allow_partial=True)
+    warnings = [line for level, line in _fill_lines(caplog) if level == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"model {into}: ") and dropped in warnings[0]
+    assert m.get_classifier().out_features == 4

@@ -201,6 +201,13 @@ def _refusal_case(case: str, runs: tuple[Path, Path], tmp_path: Path) -> tuple[l
     if case == "classes":
         bad = _variant(best, tmp_path / "five.pth", num_classes=5, model=create_model("test_resnet", 5).state_dict())
         return [best, bad], "five.pth: num_classes 5"
+    if case == "incomplete":  # both lack the same tensor: they match each other, not the model they name
+        dropped = "layer2.0.bn1.running_var"
+        bad = [_variant(src, tmp_path / f"{name}.pth", predict_with="model",
+                        model={k: v for k, v in load_checkpoint(src)["model"].items() if k != dropped})
+               for src, name in ((best, "a"), (other, "b"))]
+        return bad, f"a.pth: its weights do not fill test_resnet (1 of its 92 tensors missing or of another shape, " \
+                    f"first: {dropped}); a soup averages complete checkpoints"
     if case == "img_size":
         return [best, _variant(best, tmp_path / "big.pth", img_size=[64, 64])], "big.pth: img_size"
     if case == "not_a_checkpoint":
@@ -233,8 +240,8 @@ def _refusal_case(case: str, runs: tuple[Path, Path], tmp_path: Path) -> tuple[l
     raise AssertionError(case)
 
 
-REFUSALS = ["architecture", "classes", "img_size", "not_a_checkpoint", "missing", "one", "other_fold", "other_split",
-            "no_fold_dir", "holdout_pair", "holdout_target", "output_is_input", "method"]
+REFUSALS = ["architecture", "classes", "incomplete", "img_size", "not_a_checkpoint", "missing", "one", "other_fold",
+            "other_split", "no_fold_dir", "holdout_pair", "holdout_target", "output_is_input", "method"]
 
 
 @pytest.mark.parametrize("case", REFUSALS)

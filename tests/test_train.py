@@ -243,9 +243,9 @@ FLAG_CHECKS["monitor"] = FLAG_CHECKS["patience"]
 # Flags whose consumer is checked elsewhere: end to end in test_main.py, or in test_model.py.
 CHECKED_ELSEWHERE = {
     "train_dir", "train_csv", "test_dir", "test_csv", "test_solution", "num_workers", "skip_image_check", "kfold",
-    "sample_submission", "skip_bad_images",
+    "sample_submission", "skip_bad_images", "accept_changed_data",  # test_fingerprint.py
     "fold", "val_ratio", "seed", "device", "deterministic", "save_dir", "log_dir", "output_dir", "resume_training",
-    "clip_grad", "pretrained", "pretrained_path",  # test_pretrained_flags_reach_create_model below
+    "clip_grad", "pretrained", "pretrained_path", "partial_weights",  # test_pretrained_flags_reach_create_model below
     "cache", "cache_dir", "cache_gb", "eval_batch_size", "compile",  # test_loader_flags_reach_the_loaders below
     "tta", "snapshots", "group_duplicates", "relabel_csv", "pseudo_labels", "pseudo_threshold",  # test_main.py
     "balance",  # test_balance_reaches_the_sampler below
@@ -284,6 +284,12 @@ def test_pretrained_flags_reach_create_model(tmp_path):
     assert t.model.get_classifier().out_features == 5
     with pytest.raises(ModelError, match="pass --pretrained_path FILE"):
         _build("--model", "resnet18", "--pretrained")
+    partial = {"fc.weight": source.state_dict()["fc.weight"]}  # no backbone: refused unless --partial_weights
+    torch.save(partial, tmp_path / "fc.pth")
+    with pytest.raises(ModelError, match="pass --partial_weights"):
+        _build("--pretrained_path", str(tmp_path / "fc.pth"))
+    t = _build("--pretrained_path", str(tmp_path / "fc.pth"), "--partial_weights")
+    assert not torch.equal(t.model.state_dict()["conv1.0.weight"], saved["conv1.0.weight"])
 
 
 # ----------------------------------------------------------------------------------------------- loaders, cache
