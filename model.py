@@ -360,8 +360,13 @@ def weights_fill(model: nn.Module, shapes: dict[str, tuple[int, ...]], replace_h
     shapes = {k: tuple(v) for k, v in shapes.items() if counted(k)}
     fitting = _fitting_weights(model, {k: torch.empty(v, device="meta") for k, v in shapes.items()})
     filled = [k for k in own if k in fitting]
-    missing = [k if k not in shapes else f"{k} (weights {list(shapes[k])}, model {list(own[k])})"
-               for k in own if k not in fitting and not _in(k, head)]
+    unfilled = [k for k in own if k not in fitting and not _in(k, head)]
+    # Named first: the tensors the weights lack, then those of another shape, then those left out with them (a
+    # module loads whole or not at all).
+    missing = ([k for k in unfilled if k not in shapes]
+               + [f"{k} (weights {list(shapes[k])}, model {list(own[k])})" for k in unfilled
+                  if k in shapes and shapes[k] != own[k]]
+               + [f"{k} (its module is incomplete)" for k in unfilled if k in shapes and shapes[k] == own[k]])
     return WeightsFill(
         total=len(own), needed=sum(not _in(k, head) for k in own), filled=len(filled),
         replaced=sum(_in(k, head) and k not in fitting for k in own), missing=missing,

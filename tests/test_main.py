@@ -402,7 +402,6 @@ def test_duplicates_stay_in_one_fold(tiny_data, tmp_path, capsys):
     assert json.loads((plain / "args.json").read_text())["group_duplicates"] is False
 
 
-@pytest.mark.slow
 def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path, capsys):
     first, _, _ = kfold_run
     train_csv = pd.read_csv(tiny_data / "train.csv")

@@ -47,11 +47,13 @@ def test_resume_after_sigkill_in_fold_two_is_exact(tiny_data, tmp_path, capsys):
     _main(capsys, *common, "--save_dir", tmp_path / "whole", "--output_dir", tmp_path / "out")
 
     killed = tmp_path / "killed"
-    proc = _popen(*common, "--save_dir", killed, "--output_dir", tmp_path / "out",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "killed.err", "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = _popen(*common, "--save_dir", killed, "--output_dir", tmp_path / "out",
+                      stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while not (killed / "fold_1" / "last.pth").exists():  # fold 2 has finished its first epoch
-        assert proc.poll() is None and time.time() < deadline, "run ended before reaching fold 2"
+        assert proc.poll() is None and time.time() < deadline, \
+            f"run ended before reaching fold 2:\n{(tmp_path / 'killed.err').read_text()}"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
