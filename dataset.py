@@ -333,7 +333,7 @@ def changed_images(saved: dict, now: dict, splits: dict[str, Table]) -> list[str
     """The images of ``splits`` whose fingerprint entry differs between ``saved`` and ``now`` (changed, replaced,
     missing, or not there before), first in the splits' row order, then rows the saved fingerprint alone holds; each
     as its file path and what differs."""
-    if saved["digest"] == now["digest"]:
+    if saved["images"] == now["images"]:  # the entries themselves: a digest could disagree with a damaged record
         return []
     changed = []
     for name, table in splits.items():

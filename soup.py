@@ -114,7 +114,12 @@ def expand_inputs(inputs: list[str | os.PathLike], fold: int) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            fold_files = runfiles.RunFiles(item).fold(fold)
+            run = runfiles.RunFiles(item)
+            fold_files = run.fold(fold)
+            if run.exists() and fold in run.fold_ids() and fold not in run.finished_folds():
+                # As inference.py and export.py do: a run stands for its finished folds only.
+                raise DataError(f"{item}: fold {fold} is not finished ({fold_files.done.name} missing); name its "
+                                ".pth files to make a soup of them anyway")
             found = [p for p in (fold_files.best, fold_files.last) if p.is_file()]
             if not found:
                 raise DataError(f"{item}: no {fold_files.best.relative_to(item)} or {fold_files.last.name} (a run "

@@ -137,6 +137,10 @@ CASES = {
         "--save_dir", _edit_json(r / "args.json", num_workers="x"), "--resume_training"], "num_workers"),
     "resume with a fold outside the folds": ("main", lambda r, d, t: [
         "--save_dir", _edit_folds(r), "--resume_training", "--output_dir", t / "out"], "folds.csv"),
+    "resume after a training image changed": ("main", lambda r, d, t: [
+        "--save_dir", _touch_fingerprint(r), "--resume_training", "--output_dir", t / "out"], "changed"),
+    "soup of a run whose fold is unfinished": ("soup", lambda r, d, t: [
+        _unfinished(r), r / "fold_1" / "best.pth", "--fold", "0", "-o", t / "soup.pth"], "fold 0 is not finished"),
     "soup of a checkpoint missing a tensor": ("soup", lambda r, d, t: [
         _checkpoint(r, t, model=_without(r, "fc.bias")), r / "fold_0" / "last.pth", "-o", t / "soup.pth",
         "--holdout_csv", d / "train.csv", "--holdout_dir", d / "train"], "fc.bias"),
@@ -164,6 +168,16 @@ def _edit_folds(run: Path) -> Path:
     folds = pd.read_csv(run / "folds.csv")
     folds.loc[0, "fold"] = 7
     folds.to_csv(run / "folds.csv", index=False)
+    return run
+
+
+def _touch_fingerprint(run: Path) -> Path:
+    """The run's record of its images, with one training image's size changed: as if the file had been replaced."""
+    data = json.loads((run / "fingerprint.json").read_text())
+    entries = data["images"]["train"]
+    first = next(iter(entries))
+    entries[first] = [entries[first][0] + 1, entries[first][1]]
+    (run / "fingerprint.json").write_text(json.dumps(data))
     return run
 
 
