@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"(default: {dedup.MIN_SIMILARITY})")
     parser.add_argument("--out", type=Path, default=None, help="write the duplicate pairs to this CSV")
     parser.add_argument("--show", type=int, default=20, help="groups listed per section (default: 20)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--num_workers", "-j", "--workers", type=int, default=default_workers(),
                         help="decoding threads (default: the usable cores, at most 8)")
     return parser
 
@@ -78,8 +78,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
         parser.error(f"--threshold must be between 0 and 63 bits, got {args.threshold}")
     if not 0 <= args.min_similarity <= 1:
         parser.error(f"--min_similarity must be between 0 and 1, got {args.min_similarity}")
-    if args.show < 0 or args.workers < 1:
-        parser.error("--show must not be negative and --workers must be at least 1")
+    if args.show < 0 or args.num_workers < 1:
+        parser.error("--show must not be negative and --num_workers must be at least 1")
     return args
 
 
@@ -187,7 +187,7 @@ def build_report(args: argparse.Namespace, train, test) -> list[str]:
     from_csv = {"train": args.train_csv is not None, "test": args.test_csv is not None}
     for split, table in splits:
         _logger.info("decoding %d %s images", len(table.paths), split)
-        bad = dict(check_images(table.paths, args.workers))
+        bad = dict(check_images(table.paths, args.num_workers))
         for i, why in bad.items():
             line = f"line {i + 2}: " if from_csv[split] else ""
             bad_lines.append(f"  {split} {line}{table.rel_paths[i]!r} {why}")
@@ -196,7 +196,7 @@ def build_report(args: argparse.Namespace, train, test) -> list[str]:
     lines += bad_lines
     lines += class_lines(train)
     for split, table in splits:
-        lines += size_lines(split, [table.paths[i] for i in readable[split]], args.workers)
+        lines += size_lines(split, [table.paths[i] for i in readable[split]], args.num_workers)
 
     # Train and test are hashed together, so that a test image that is also a training image is found.
     paths, names, split_of, classes = [], [], [], []
@@ -208,7 +208,7 @@ def build_report(args: argparse.Namespace, train, test) -> list[str]:
             classes.append(table.class_names[table.targets[i]] if table.targets is not None else "")
     _logger.info("hashing %d readable images", len(paths))
     min_similarity = args.min_similarity or None  # 0: the hash alone decides
-    pairs = dedup.find_pairs(dedup.hash_images(paths, args.workers), args.threshold, min_similarity)
+    pairs = dedup.find_pairs(dedup.hash_images(paths, args.num_workers), args.threshold, min_similarity)
     dup_lines, groups = duplicate_report(pairs, len(paths), names, np.array(split_of), classes, args.threshold,
                                          min_similarity, args.show)
     lines += dup_lines

@@ -34,12 +34,25 @@ HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
 RUNS = Path("runs")
 # Flags holding paths (saved as text in args.json).
-PATH_FLAGS = ("train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir", "config",
-              "test_solution", "sample_submission", "relabel_csv", "pseudo_labels")
+PATH_FLAGS = ("data_dir", "train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
+              "config", "test_solution", "sample_submission", "relabel_csv", "pseudo_labels")
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
                        "test_solution", "skip_image_check", "sample_submission", "cache", "cache_dir", "cache_gb",
                        "eval_batch_size", "compile", "accept_changed_data"}
+
+
+# What --data_dir DIR finds there, the competition's layout: {flag: (name in DIR, is a folder)}.
+DATA_DIR_LAYOUT = {"train_csv": ("train.csv", False), "train_dir": ("train", True), "test_csv": ("test.csv", False),
+                   "test_dir": ("test", True), "sample_submission": ("sample_submission.csv", False)}
+
+
+class ImageSize(argparse.Action):
+    """``--img-size N``: both sides of the working image, i.e. ``--resize_height N --resize_width N``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.resize_height = namespace.resize_width = values
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +60,9 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     from dataset import CACHE_MODES
 
     data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", type=Path, default=None,
+                      help="a folder in the competition's layout: train.csv, train/, test.csv, test/ and "
+                           "sample_submission.csv, for the flags below not given (default: none)")
     data.add_argument("--train_dir", type=Path, default=None,
                       help="training image folder (default: the bundled data/tuberlin10/train)")
     data.add_argument("--train_csv", type=Path, default=None,
@@ -63,6 +79,9 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                       help="true test labels (ID,image_path,target): print the submission's accuracy (default: none)")
     data.add_argument("--resize_height", type=int, default=64, help="working image height (default: 64)")
     data.add_argument("--resize_width", type=int, default=64, help="working image width (default: 64)")
+    data.add_argument("--img-size", dest="img_size", type=int, default=argparse.SUPPRESS, action=ImageSize,
+                      metavar="N", help="working image height and width, --resize_height N --resize_width N "
+                                        "(default: those flags' own)")
     data.add_argument("--aug", default="sketch", choices=sorted(AUGMENTATIONS),
                       help="training augmentation preset (default: sketch)")
     data.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, 0 = off (default: 0)")
@@ -82,7 +101,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                            "training split with that label (default: none)")
     data.add_argument("--pseudo_threshold", type=float, default=0.9,
                       help="confidence a test image needs to be pseudo-labelled (default: 0.9)")
-    data.add_argument("--num_workers", type=int, default=default_workers(),
+    data.add_argument("--num_workers", "-j", "--workers", type=int, default=default_workers(),
                       help="data loader processes (default: the number of usable cores, at most 8)")
     data.add_argument("--cache", default="ram", choices=CACHE_MODES,
                       help="keep decoded images at the working size so epochs after the first skip decoding: ram "
@@ -153,16 +172,16 @@ def _optimization_args(parser: argparse.ArgumentParser) -> None:
     from train import MONITORS, OPTIMIZERS, SCHEDULERS
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--batch_size", type=int, default=32,
+    optim.add_argument("--batch_size", "-b", "--batch-size", type=int, default=32,
                        help="images per batch (per process under torchrun) (default: 32)")
     optim.add_argument("--eval_batch_size", type=int, default=None,
                        help="images per batch of validation and test prediction (default: twice --batch_size)")
     optim.add_argument("--accumulation_steps", type=int, default=1,
                        help="batches per optimizer update (default: 1)")
-    optim.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    optim.add_argument("--learning_rate", "--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     optim.add_argument("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
-    optim.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS), help="(default: adamw)")
-    optim.add_argument("--scheduler", default="cosine", choices=sorted(SCHEDULERS),
+    optim.add_argument("--optimizer", "--opt", default="adamw", choices=sorted(OPTIMIZERS), help="(default: adamw)")
+    optim.add_argument("--scheduler", "--sched", default="cosine", choices=sorted(SCHEDULERS),
                        help="learning-rate shape over optimizer updates after warmup (default: cosine)")
     optim.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warmup length (default: 1)")
     optim.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (default: 1e-6)")
@@ -171,7 +190,7 @@ def _optimization_args(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--smoothing", type=float, default=0.1,
                        help="label smoothing of --loss label_smoothing (default: 0.1)")
     optim.add_argument("--focal_gamma", type=float, default=2.0, help="gamma of --loss focal (default: 2.0)")
-    optim.add_argument("--max_epochs", type=int, default=10, help="epochs per fold (default: 10)")
+    optim.add_argument("--max_epochs", "--epochs", type=int, default=10, help="epochs per fold (default: 10)")
     optim.add_argument("--patience", type=int, default=5,
                        help="stop a fold after this many epochs without improvement, 0 = never (default: 5)")
     optim.add_argument("--monitor", default="val_acc", choices=sorted(MONITORS),
@@ -184,7 +203,7 @@ def _more_from_each_model_args(parser: argparse.ArgumentParser) -> None:
     from engine import TTA_MODES
 
     more = parser.add_argument_group("more from each model")
-    more.add_argument("--ema_decay", type=float, default=0.0,
+    more.add_argument("--ema_decay", "--model-ema-decay", type=float, default=0.0,
                       help="keep an exponential moving average of the weights with this decay (e.g. 0.999), "
                            "validated each epoch beside the model; an epoch predicts with the better of the two "
                            "(default: 0, off)")
@@ -242,7 +261,7 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
                      help="TensorBoard folder (default: the run folder, one sub-folder per fold)")
     out.add_argument("--output_dir", type=Path, default=Path("outputs"),
                      help="where a copy of the submission goes as <run name>.csv (default: outputs)")
-    out.add_argument("--resume_training", action="store_true",
+    out.add_argument("--resume_training", "--resume", action="store_true",
                      help="continue the run in --save_dir (default: the newest under runs/) with its saved arguments")
 
 
@@ -261,7 +280,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
-    """The flags given on the command line (not defaulted), with their parsed values."""
+    """The flags given on the command line (not defaulted), with their parsed values, by dest (an alias such as
+    --lr under its baseline name); --img-size N reads as --resize_height N --resize_width N, and is refused beside
+    either of them with another value."""
     quiet = argparse.ArgumentParser(add_help=False)
     for action in parser._actions:
         if action.option_strings and not isinstance(action, argparse._HelpAction):
@@ -270,9 +291,15 @@ def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> di
                 quiet.add_argument(*action.option_strings, action="store_true", **kwargs)
             elif isinstance(action, argparse.BooleanOptionalAction):
                 quiet.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
-            else:
+            else:  # ImageSize too: its value stays under its own dest here, to be checked against the two sides
                 quiet.add_argument(*action.option_strings, type=action.type, **kwargs)
-    return vars(quiet.parse_known_args(argv)[0])
+    given = vars(quiet.parse_known_args(argv)[0])
+    if "img_size" in given:
+        size = given.pop("img_size")
+        for flag in ("resize_height", "resize_width"):
+            if given.setdefault(flag, size) != size:
+                parser.error(f"--img-size {size} and --{flag} {given[flag]} disagree: give one of them")
+    return given
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -287,9 +314,13 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         except ConfigError as e:
             parser.error(str(e))
     args = parser.parse_args(argv)
+    if hasattr(args, "img_size"):  # ImageSize has set both sides; refuse a side given apart with another value
+        explicit_args(parser, argv)
+        del args.img_size
     if args.resume_training:
         args = _restore_run_args(parser, args, argv)
     else:
+        _fill_from_data_dir(parser, args)
         if args.train_dir is None and args.train_csv is None:
             args.train_dir, args.train_csv = BUNDLED / "train", BUNDLED / "train.csv"
         elif args.train_dir is None:
@@ -310,6 +341,32 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         args.eval_batch_size = min(2 * args.batch_size, limits.MAX_BATCH_SIZE)
     _check_args(parser, args)
     return args
+
+
+def warn_if_bundled(parser, args: argparse.Namespace) -> None:
+    """One line on stderr (from the first torchrun process alone) when a new run trains on the bundled demo set."""
+    if not args.resume_training and args.train_dir == BUNDLED / "train" and os.environ.get("RANK", "0") == "0":
+        print(f"{parser.prog}: no --data_dir or --train_dir given: training on the bundled demo set "
+              f"{BUNDLED.relative_to(HERE)} (TU-Berlin, CC BY 4.0)", file=sys.stderr)
+
+
+def _fill_from_data_dir(parser, args: argparse.Namespace) -> None:
+    """--data_dir DIR: each data flag not given is DIR's file or folder of the competition's layout, which must be
+    there; a missing one is refused, naming all that are missing."""
+    if args.data_dir is None:
+        return
+    if not args.data_dir.is_dir():
+        parser.error(f"--data_dir {args.data_dir}: folder not found")
+    missing = []
+    for flag, (name, folder) in DATA_DIR_LAYOUT.items():
+        if getattr(args, flag) is None:
+            path = args.data_dir / name
+            if not (path.is_dir() if folder else path.is_file()):
+                missing.append(name + "/" * folder)
+            setattr(args, flag, path)
+    if missing:
+        parser.error(f"--data_dir {args.data_dir}: no {', '.join(missing)} there (the competition's layout: "
+                     "train.csv, train/, test.csv, test/, sample_submission.csv; or give those flags)")
 
 
 def _restore_run_args(parser, args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
@@ -654,6 +711,7 @@ def _hold_run(args: argparse.Namespace, main_process: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = resolve_args(parser, argv)
+    warn_if_bundled(parser, args)
 
     from errors import DataError
     from fileio import WriteError

@@ -14,6 +14,8 @@ import pytest
 
 # Tests never reach a model hub: the hub client reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Nor PyPI: some tests import albumentations directly, and it checks for updates on import without this.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Under pytest-xdist (make test runs one worker per core) each worker and the scripts it starts compute on one
 # thread: workers that share the cores run side by side instead of fighting over them. A run and the resumed run it
 # is compared with always share the setting.

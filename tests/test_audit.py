@@ -113,7 +113,9 @@ def test_bad_rows_are_named(audited, tmp_path, capsys, rows, message):
     (["--train_dir", "d", "--test_csv", "t.csv"], "--test_csv needs --test_dir"),
     (["--threshold", "64"], "--threshold must be between 0 and 63 bits, got 64"),
     (["--min_similarity", "1.5"], "--min_similarity must be between 0 and 1, got 1.5"),
-    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "0"], "--num_workers must be at least 1"),
+    (["--num_workers", "0"], "--num_workers must be at least 1"),
+    (["-j", "0"], "--num_workers must be at least 1"),
 ])
 def test_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit) as e:

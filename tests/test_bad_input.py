@@ -203,7 +203,7 @@ def test_refused_in_one_line_with_nothing_written(case, trained_run, tiny_data, 
     before = files_of(tmp_path)
     proc = call_main(MAINS[tool], capsys, *argv)
     message = proc.stderr.strip()
-    assert proc.returncode not in (0, None), message
+    assert proc.returncode == 2, message
     assert "Traceback" not in proc.stderr and message.count("\n") == 0, message
     assert "error:" in message and needle in message, message
     assert files_of(tmp_path) == before and files_of(tiny_data) == data_before

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_refused, call_main
 
 import cli
 
@@ -44,3 +44,95 @@ def test_errors_are_one_line(capsys):
 def test_defaults_fit_the_machine():
     assert 1 <= cli.default_workers() <= 8
     assert cli.default_cache_gb() > 0
+
+
+# ----------------------------------------------------------------------------------------------- main.py's aliases
+@pytest.mark.parametrize("argv, dest, value", [
+    (["--lr", "0.002"], "learning_rate", 0.002),
+    (["--epochs", "3"], "max_epochs", 3),
+    (["-b", "16"], "batch_size", 16),
+    (["--batch-size", "16"], "batch_size", 16),
+    (["--opt", "sgd"], "optimizer", "sgd"),
+    (["--sched", "step"], "scheduler", "step"),
+    (["--model-ema-decay", "0.99"], "ema_decay", 0.99),
+    (["-j", "1"], "num_workers", 1),
+    (["--workers", "1"], "num_workers", 1),
+    (["--resume"], "resume_training", True),
+])
+def test_timm_alias_maps_to_its_dest(argv, dest, value, tmp_path):
+    import main
+
+    parser = main.get_args_parser()
+    assert getattr(parser.parse_args(argv), dest) == value
+    assert main.explicit_args(parser, argv) == {dest: value}  # what a resumed run compares with args.json
+    if dest != "resume_training":
+        assert getattr(main.resolve_args(parser, [*argv, "--save_dir", str(tmp_path / "run")]), dest) == value
+
+
+def test_img_size_sets_both_sides(tmp_path, capsys):
+    import main
+
+    parser = main.get_args_parser()
+    args = main.resolve_args(parser, ["--img-size", "48", "--save_dir", str(tmp_path / "run")])
+    assert (args.resize_height, args.resize_width) == (48, 48) and not hasattr(args, "img_size")
+    assert main.explicit_args(parser, ["--img-size", "48"]) == {"resize_height": 48, "resize_width": 48}
+    args = main.resolve_args(parser, ["--img-size", "48", "--resize_width", "48", "--save_dir", str(tmp_path / "r")])
+    assert (args.resize_height, args.resize_width) == (48, 48)
+    capsys.readouterr()
+    for argv in (["--resize_height", "32", "--img-size", "48"], ["--img-size", "48", "--resize_width", "64"]):
+        with pytest.raises(SystemExit) as info:
+            main.resolve_args(parser, argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and "--img-size 48 and --resize_" in err, err
+
+
+def test_resume_is_resume_training(tmp_path, capsys):
+    import main
+
+    parser = main.get_args_parser()
+    errors = []
+    for flag in ("--resume", "--resume_training"):
+        with pytest.raises(SystemExit):
+            main.resolve_args(parser, [flag, "--save_dir", str(tmp_path / "none")])
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and "--resume_training: no run to resume in" in errors[0]
+
+
+def test_data_dir_fills_the_data_flags(tiny_data, tmp_path):
+    import main
+
+    args = main.resolve_args(main.get_args_parser(), ["--data_dir", str(tiny_data), "--test_csv",
+                                                      str(tiny_data / "test.csv"), "--save_dir", str(tmp_path / "r")])
+    assert (args.train_dir, args.train_csv, args.test_dir) == (tiny_data / "train", tiny_data / "train.csv",
+                                                              tiny_data / "test")
+    assert args.sample_submission == tiny_data / "sample_submission.csv" and args.test_solution is None
+
+
+def test_data_dir_refuses_a_missing_file_in_one_line(tiny_data, tmp_path, capsys):
+    import main
+
+    for name in ("train", "test"):
+        (tmp_path / name).symlink_to(tiny_data / name)
+    for name in ("test.csv", "sample_submission.csv"):
+        (tmp_path / name).write_bytes((tiny_data / name).read_bytes())
+    proc = call_main(main.main, capsys, "--data_dir", tmp_path, "--save_dir", tmp_path / "run")
+    assert_refused(proc, f"--data_dir {tmp_path}: no train.csv there")
+    proc = call_main(main.main, capsys, "--data_dir", tmp_path / "nowhere")
+    assert_refused(proc, "folder not found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bundled_data_warning_once(tiny_data, tmp_path, capsys, monkeypatch):
+    import main
+
+    monkeypatch.setattr(main, "_train", lambda args, world: (None, None))  # the arguments alone, no training
+    proc = call_main(main.main, capsys, "--data_dir", tiny_data, "--save_dir", tmp_path / "a")
+    assert proc.returncode == 0 and proc.stderr == ""
+    proc = call_main(main.main, capsys, "--save_dir", tmp_path / "b")
+    assert proc.returncode == 0 and proc.stderr.count("\n") == 1, proc.stderr  # prog: main.py, from the shell
+    assert proc.stderr.endswith(": no --data_dir or --train_dir given: training on the bundled demo set "
+                                "data/tuberlin10 (TU-Berlin, CC BY 4.0)\n"), proc.stderr
+    args = main.resolve_args(main.get_args_parser(), ["--save_dir", str(tmp_path / "c")])
+    assert capsys.readouterr().err == ""  # resolving alone says nothing (tune.py resolves each trial's arguments)
+    main.warn_if_bundled(main.get_args_parser(), args)
+    assert "bundled demo set" in capsys.readouterr().err

@@ -425,3 +425,18 @@ def test_relabel_and_pseudo_labels_end_to_end(kfold_run, tiny_data, tmp_path, ca
                 "--save_dir", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--pseudo_labels" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_timm_style_flags_and_data_dir_reach_args_json(tiny_data, tmp_path, capsys):
+    # batch 32 fits the hold-out split's 38 training images (2 folds would leave 24)
+    _main(capsys, "--data_dir", tiny_data, "--img-size", 32, "--lr", 0.002, "--epochs", 1, "-b", 32, "--kfold", 1,
+          "--model", "test_resnet", "-j", 0, "--device", "cpu", "--skip_image_check", "--save_dir", tmp_path / "run",
+          "--output_dir", tmp_path / "outputs")
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (saved["resize_height"], saved["resize_width"], saved["learning_rate"]) == (32, 32, 0.002)
+    assert (saved["max_epochs"], saved["batch_size"], saved["num_workers"]) == (1, 32, 0)
+    assert saved["data_dir"] == str(tiny_data) and "img_size" not in saved
+    assert {k: saved[k] for k in ("train_dir", "train_csv", "test_dir", "test_csv", "sample_submission")} == {
+        "train_dir": str(tiny_data / "train"), "train_csv": str(tiny_data / "train.csv"),
+        "test_dir": str(tiny_data / "test"), "test_csv": str(tiny_data / "test.csv"),
+        "sample_submission": str(tiny_data / "sample_submission.csv")}

@@ -251,6 +251,7 @@ CHECKED_ELSEWHERE = {
     "balance",  # test_balance_reaches_the_sampler below
     "config",  # test_config.py
     "feature_views", "feature_cache",  # test_features.py, end to end
+    "data_dir", "img_size",  # test_cli.py: test_data_dir_fills_the_data_flags, test_img_size_sets_both_sides
 }
 
 
