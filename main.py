@@ -732,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"{parser.prog}: error: {e.strerror}")
     if summary is None:
         return 0
+    print("fold  best epoch  val_acc  val_f1  log_loss  minutes")
+    for row in summary["fold_table"]:
+        best = f"{row['best_epoch']}/{row['epochs']}"
+        print(f"{row['fold']:>4}  {best:>10}  {row['val_acc']:>7.4f}  {row['val_f1']:>6.4f}  {row['val_loss']:>8.4f}  "
+              f"{row['minutes']:>7.1f}")
     print(f"run folder:      {args.save_dir}")
     print(f"folds finished:  {summary['folds_done']} (val accuracy "
           + ", ".join(f"{v:.4f}" for v in summary["fold_val_acc"].values()) + ")")

@@ -15,6 +15,7 @@ A run folder (``main.py --save_dir``) holds everything needed to continue or use
     features/<key>/        with a frozen, cached backbone: every image's pooled features
     plots/                 curves.png, confusion.png, per_class_accuracy.png
     oof.csv, oof_probs.npy out-of-fold predictions for every validated training image
+    oof_probs.csv          the same probabilities as image_path,target,fold,prob_0.. (for stacking and analysis)
     test_probs.csv         test probabilities averaged over the folds (ID,image_path,prob_0..)
     submission.csv         ID,image_path,target in test.csv's order
     summary.json           OOF accuracy, per-fold results and the --output_dir copy of the submission it wrote
@@ -52,6 +53,7 @@ ARGS = "args.json"
 FOLDS = "folds.csv"
 TEST_ROWS = "test_rows.csv"
 OOF = "oof.csv"
+OOF_PROBS_CSV = "oof_probs.csv"
 OOF_PROBS = "oof_probs.npy"
 TEST_PROBS = "test_probs.csv"
 SUBMISSION = "submission.csv"
@@ -129,7 +131,7 @@ class RunFiles:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.args, self.folds, self.test_rows = self.root / ARGS, self.root / FOLDS, self.root / TEST_ROWS
-        self.oof, self.oof_probs = self.root / OOF, self.root / OOF_PROBS
+        self.oof, self.oof_probs, self.oof_probs_csv = self.root / OOF, self.root / OOF_PROBS, self.root / OOF_PROBS_CSV
         self.test_probs, self.submission, self.summary = self.root / TEST_PROBS, self.root / SUBMISSION, \
             self.root / SUMMARY
         self.fingerprint = self.root / FINGERPRINT
@@ -443,10 +445,14 @@ def read_metrics(fold: FoldFiles) -> pd.DataFrame:
 
 
 def write_oof(run_dir: str | os.PathLike, oof: pd.DataFrame, probs: np.ndarray) -> None:
-    """Save the out-of-fold predictions: oof.csv (image_path,target,fold,pred) and oof_probs.npy, row for row."""
+    """Save the out-of-fold predictions: oof.csv (image_path,target,fold,pred) and oof_probs.npy, row for row, and
+    oof_probs.csv (image_path,target,fold,prob_0..) for tools that read CSV."""
     files = RunFiles(run_dir)
     write_csv(oof, files.oof)
     write_array(probs, files.oof_probs)
+    table = pd.DataFrame(np.asarray(probs, dtype=np.float32), columns=[f"prob_{i}" for i in range(probs.shape[1])])
+    write_csv(pd.concat([oof[["image_path", "target", "fold"]].reset_index(drop=True), table], axis=1),
+              files.oof_probs_csv, float_format="%.6g")
 
 
 def read_oof(run_dir: str | os.PathLike, with_probs: bool = True) -> tuple[pd.DataFrame, np.ndarray | None]:

@@ -719,6 +719,23 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, 
     return summary
 
 
+def fold_table(files: RunFiles, done: list[int]) -> list[dict]:
+    """One row per finished fold: its best epoch (1-based) of its epochs, the best epoch's validation accuracy,
+    macro F1 and log loss, and the fold's training minutes (from its metrics)."""
+    rows = []
+    for fold in done:
+        record = runfiles.read_done(files.fold(fold))
+        best = record["best_metrics"]
+        try:
+            minutes = float(runfiles.read_metrics(files.fold(fold))["epoch_time"].sum()) / 60
+        except (runfiles.RunFileError, KeyError):  # a by-product: never fail a finished run over it
+            minutes = float("nan")
+        rows.append({"fold": fold, "best_epoch": record["best_epoch"] + 1, "epochs": record["epochs"],
+                     "val_acc": best.get("val_acc", record["val_acc"]), "val_f1": best.get("val_f1", float("nan")),
+                     "val_loss": best.get("val_loss", float("nan")), "minutes": minutes})
+    return rows
+
+
 def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dict:
     """Gather the finished folds: OOF predictions and accuracy, averaged test probabilities, submission."""
     files = RunFiles(run_dir)
@@ -746,7 +763,8 @@ def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dic
     predictions.write_probs(test_probs, test.rel_paths, files.test_probs)
     submission = predictions.write_submission(test_probs, test.rel_paths, files.submission)
     summary = {"oof_acc": oof_acc, "oof_images": len(idx), "folds_done": done, "fold_val_acc": per_fold,
-               "class_names": table.class_names, "submission": str(files.submission)}
+               "fold_table": fold_table(files, done), "class_names": table.class_names,
+               "submission": str(files.submission)}
     if (copy := runfiles.read_copy(run_dir)) is not None:  # the copy this run owns in --output_dir stays its own
         summary["copy"] = str(copy)
     runfiles.write_summary(run_dir, summary)

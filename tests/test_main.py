@@ -84,6 +84,18 @@ def test_run_folder_contents(kfold_run, tiny_data):
     assert summary["oof_acc"] == pytest.approx((oof["pred"] == oof["target"]).mean())
     assert summary["folds_done"] == [0, 1]
     assert f"OOF accuracy:    {summary['oof_acc']:.4f}" in proc.stdout
+    # The same probabilities as CSV, row for row, and a table of the folds at the end of the run.
+    table = pd.read_csv(run / "oof_probs.csv")
+    assert list(table.columns) == ["image_path", "target", "fold", "prob_0", "prob_1", "prob_2", "prob_3"]
+    assert table["image_path"].tolist() == oof["image_path"].tolist() and (table["fold"] == oof["fold"]).all()
+    assert np.allclose(table[[f"prob_{i}" for i in range(4)]].to_numpy(), probs, atol=1e-5)
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["fold", "best", "epoch", "val_acc", "val_f1", "log_loss", "minutes"]
+    for fold, row in zip((0, 1), summary["fold_table"], strict=True):
+        done = json.loads((run / f"fold_{fold}" / "done.json").read_text())
+        assert row["fold"] == fold and row["best_epoch"] == done["best_epoch"] + 1 and row["epochs"] == 2
+        assert row["val_acc"] == done["best_metrics"]["val_acc"] and row["minutes"] > 0
+        assert lines[1 + fold].split()[:3] == [str(fold), f"{row['best_epoch']}/2", f"{row['val_acc']:.4f}"]
 
 
 def test_submission_matches_sample_submission(kfold_run, tiny_data):
