@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import itertools
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -492,15 +493,35 @@ def _close_logging() -> None:
         handler.close()
 
 
+def _start_logging() -> None:
+    """Logging from the first check on: warnings to stderr as plain lines (a refused run says only its one line
+    there), and every record kept in memory until the run folder may be written (see :func:`_setup_logging`)."""
+    _close_logging()
+    logging.getLogger().setLevel(logging.INFO)
+    early = logging.StreamHandler(sys.stderr)
+    early.setLevel(logging.WARNING)
+    early.setFormatter(logging.Formatter("%(message)s"))
+    kept = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    for handler in (early, kept):
+        handler._main_py = True
+        logging.getLogger().addHandler(handler)
+
+
 def _setup_logging(save_dir: Path | None) -> None:
-    """INFO to stderr and SAVE_DIR/train.log; without a folder (DDP ranks above 0) warnings to stderr only."""
+    """INFO to stderr and SAVE_DIR/train.log, which also gets what was logged since :func:`_start_logging` (the
+    data checks, the duplicate summary); without a folder (DDP ranks above 0) warnings to stderr only."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
+    kept = [r for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler) and getattr(h, "_main_py", False)
+            for r in h.buffer]
     _close_logging()
     root.setLevel(logging.INFO if save_dir is not None else logging.WARNING)
     handlers = [logging.StreamHandler(sys.stderr)]
     if save_dir is not None:
         handlers.append(logging.FileHandler(save_dir / "train.log"))
+        handlers[-1].setFormatter(fmt)
+        for record in kept:
+            handlers[-1].handle(record)
     for handler in handlers:
         handler.setFormatter(fmt)
         handler._main_py = True
@@ -555,9 +576,11 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     from folds import load_or_make_folds
     from model import resolve_model_name
 
+    main_process = engine.is_main_process()
+    if main_process:
+        _start_logging()
     resolve_model_name(args.model)
     engine.resolve_device(args.device)
-    main_process = engine.is_main_process()
     table, test, pseudo, truth = _read_data(args, main_process)
     folds = load_or_make_folds(args, table)
     train.check_test_rows(args, test)

@@ -87,6 +87,8 @@ SCHEDULERS: dict[str, callable] = {
     "constant": lambda t: 1.0,
 }
 
+PROGRESS_EVERY = 50  # batches between progress lines when stderr is not a terminal
+
 MONITORS: dict[str, str] = {"val_acc": "max", "val_f1": "max", "val_loss": "min"}
 
 FUSED_ON_CUDA = {"adamw", "adam", "sgd"}  # torch's own optimizers: one fused kernel per step on a GPU
@@ -224,6 +226,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         seen += images.size(0)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if bar.disable and (step + 1) % PROGRESS_EVERY == 0:  # no bar off a terminal (nohup, a job): a line instead
+            _logger.info("%s: batch %d/%d, loss %.4f, %.0f img/s", desc, step + 1, len(plan), total_loss.item() / seen,
+                         seen / (time.perf_counter() - start))
     totals = torch.stack([total_loss, torch.tensor(float(seen), device=device)])
     if engine.rank_world()[1] > 1:  # loss and images over every process
         dist.all_reduce(totals)

@@ -406,6 +406,8 @@ def test_duplicates_stay_in_one_fold(tiny_data, tmp_path, capsys):
             assert folds[row_of(train_csv, p.source)] == folds[row_of(train_csv, p.copy)], p
         assert "duplicates across classes: bicycle/copy_of_crown.JPEG" in proc.stderr or \
             "copy_of_crown.JPEG (bicycle)" in proc.stderr
+        # Logged while the folds were made, before the run folder could be written: in its log all the same.
+        assert "copy_of_crown.JPEG (bicycle)" in (run / "train.log").read_text()
         counts = pd.crosstab(train_csv["target"], folds)
         assert (counts > 0).all().all()  # still stratified: every class in every fold
     plain = tmp_path / "plain"

@@ -58,6 +58,23 @@ def test_accumulated_updates_equal_large_batch_updates():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_progress_lines_when_stderr_is_no_terminal(caplog):
+    """Under pytest stderr is no terminal, so the bar is off: a line every PROGRESS_EVERY batches says where it is."""
+    x, y = torch.randn(2 * train.PROGRESS_EVERY, 3, 2, 2), torch.randint(0, 3, (2 * train.PROGRESS_EVERY,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=1)
+    model = _tiny_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    with caplog.at_level("INFO", logger="train"):
+        train.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), opt, sched,
+                              torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None, False,
+                              accumulation_steps=1, desc="fold 0 epoch 3")
+    lines = [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
+    n = 2 * train.PROGRESS_EVERY
+    assert [line.split(",")[0] for line in lines] == [f"fold 0 epoch 3: batch {train.PROGRESS_EVERY}/{n}",
+                                                      f"fold 0 epoch 3: batch {n}/{n}"]
+
+
 def test_clip_grad_bounds_the_update():
     x, y = torch.randn(8, 3, 2, 2) * 100, torch.randint(0, 3, (8,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
