@@ -19,7 +19,6 @@ a display and no global figure state leaks between calls. Every PNG is written a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 
 import runfiles
 from fileio import atomic_write
-from runfiles import RunFileError
+from runfiles import read_oof
 
 _logger = logging.getLogger(__name__)
 
@@ -114,78 +113,12 @@ def per_class_table(targets: np.ndarray, preds: np.ndarray, class_names: Sequenc
 
 
 # ----------------------------------------------------------------------------------------------- reading a run
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunFileError(f"{path}: file not found") from None
-    except (OSError, ValueError) as e:
-        raise RunFileError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-
-
-def read_oof(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """The run's ``oof.csv`` (checked: columns, integer targets and predictions in range) and its class names.
-
-    Class names come from ``summary.json``; without one they are the class indices. Raises
-    :class:`RunFileError`.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunFileError(f"{run_dir}: run folder not found")
-    files = runfiles.RunFiles(run_dir)
-    path = files.oof
-    if not path.is_file():
-        raise RunFileError(f"{path}: file not found (the run has no finished fold yet?)")
-    try:
-        oof = pd.read_csv(path, dtype={"image_path": str}, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise RunFileError(f"{path}: empty CSV") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
-    missing = [c for c in ("image_path", "target", "fold", "pred") if c not in oof.columns]
-    if missing:
-        raise RunFileError(f"{path}: missing column(s) {missing}; found {list(oof.columns)}")
-    if oof.empty:
-        raise RunFileError(f"{path}: no rows")
-    for col in ("target", "pred"):
-        values = pd.to_numeric(oof[col], errors="coerce")
-        bad = np.flatnonzero((values.isna() | (values != values.round()) | (values < 0)).to_numpy())
-        if len(bad):
-            raise RunFileError(f"{path}: line {bad[0] + 2}: {col} {oof[col].iloc[bad[0]]!r} is not a class "
-                               "index")
-        oof[col] = values.astype(np.int64)
-
-    summary_path = files.summary
-    names = _read_json(summary_path).get("class_names") if summary_path.exists() else None
-    highest = int(max(oof["target"].max(), oof["pred"].max()))
-    if names is None:
-        names = [str(i) for i in range(highest + 1)]
-    elif highest >= len(names):
-        row = int(np.flatnonzero((oof[["target", "pred"]] >= len(names)).any(axis=1).to_numpy())[0])
-        raise RunFileError(f"{path}: line {row + 2}: class index {highest} out of range 0..{len(names) - 1} "
-                        f"({summary_path} names {len(names)} classes)")
-    return oof, [str(n) for n in names]
-
-
 def read_metrics(run_dir: str | os.PathLike) -> dict[int, pd.DataFrame]:
     """``{fold: metrics.csv}`` for every ``fold_<i>`` of the run that has logged at least one epoch."""
-    out = {}
     files = runfiles.RunFiles(run_dir)
-    for fold in files.fold_ids():
-        path = files.fold(fold).metrics
-        if not path.is_file():
-            continue
-        try:
-            df = pd.read_csv(path)
-        except pd.errors.EmptyDataError:
-            continue  # a fold killed before its first epoch ended
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise RunFileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
-        if "epoch" not in df.columns:
-            raise RunFileError(f"{path}: no epoch column; found {list(df.columns)}")
-        if not df.empty:
-            out[fold] = df
-    return dict(sorted(out.items()))
+    out = {fold: runfiles.read_metrics(files.fold(fold)) for fold in files.fold_ids()
+           if files.fold(fold).metrics.is_file()}
+    return {fold: df for fold, df in out.items() if not df.empty}  # empty: killed before its first epoch ended
 
 
 # ----------------------------------------------------------------------------------------------- run plots

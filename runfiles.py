@@ -434,9 +434,11 @@ def write_metrics(fold: FoldFiles, history: list[dict]) -> None:
 
 
 def read_metrics(fold: FoldFiles) -> pd.DataFrame:
-    """A fold's metrics.csv (at least an epoch column)."""
+    """A fold's metrics.csv (at least an epoch column; no rows for a fold killed before its first epoch ended)."""
     try:
         df = pd.read_csv(fold.metrics)
+    except pd.errors.EmptyDataError:  # a fold killed before its first epoch ended
+        return pd.DataFrame({"epoch": []})
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise RunFileError(f"{fold.metrics}: damaged ({_reason(e)})") from None
     if "epoch" not in df.columns:
@@ -455,22 +457,48 @@ def write_oof(run_dir: str | os.PathLike, oof: pd.DataFrame, probs: np.ndarray) 
               files.oof_probs_csv, float_format="%.6g")
 
 
-def read_oof(run_dir: str | os.PathLike, with_probs: bool = True) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """oof.csv (checked columns and integer cells) and, with ``with_probs``, oof_probs.npy with a row per line."""
+def read_oof(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """The run's ``oof.csv`` (checked: columns, integer targets and predictions in range) and its class names.
+
+    Class names come from ``summary.json``; without one they are the class indices. Raises
+    :class:`RunFileError`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFileError(f"{run_dir}: run folder not found")
     files = RunFiles(run_dir)
-    todo = "run main.py --resume_training on the run to write it again"
+    path = files.oof
+    if not path.is_file():
+        raise RunFileError(f"{path}: file not found (the run has no finished fold yet?)")
     try:
-        df = pd.read_csv(files.oof, dtype={"image_path": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise RunFileError(f"{files.oof}: missing; {todo}") from None
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise RunFileError(f"{files.oof}: damaged ({_reason(e)}); {todo}") from None
-    if not {"image_path", "target", "fold", "pred"} <= set(df.columns):
-        raise RunFileError(f"{files.oof}: damaged (columns {list(df.columns)}); {todo}")
-    for column in ("target", "fold", "pred"):
-        df[column] = _int_column(df, column, files.oof)
-    probs = read_array(files.oof_probs, (len(df), None), todo) if with_probs else None
-    return df, probs
+        oof = pd.read_csv(path, dtype={"image_path": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise RunFileError(f"{path}: empty CSV") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in ("image_path", "target", "fold", "pred") if c not in oof.columns]
+    if missing:
+        raise RunFileError(f"{path}: missing column(s) {missing}; found {list(oof.columns)}")
+    if oof.empty:
+        raise RunFileError(f"{path}: no rows")
+    for col in ("target", "pred"):
+        values = pd.to_numeric(oof[col], errors="coerce")
+        bad = np.flatnonzero((values.isna() | (values != values.round()) | (values < 0)).to_numpy())
+        if len(bad):
+            raise RunFileError(f"{path}: line {bad[0] + 2}: {col} {oof[col].iloc[bad[0]]!r} is not a class "
+                               "index")
+        oof[col] = values.astype(np.int64)
+
+    summary_path = files.summary
+    names = read_summary(run_dir).get("class_names") if summary_path.exists() else None
+    highest = int(max(oof["target"].max(), oof["pred"].max()))
+    if names is None:
+        names = [str(i) for i in range(highest + 1)]
+    elif highest >= len(names):
+        row = int(np.flatnonzero((oof[["target", "pred"]] >= len(names)).any(axis=1).to_numpy())[0])
+        raise RunFileError(f"{path}: line {row + 2}: class index {highest} out of range 0..{len(names) - 1} "
+                           f"({summary_path} names {len(names)} classes)")
+    return oof, [str(n) for n in names]
 
 
 def write_summary(run_dir: str | os.PathLike, summary: dict) -> None:

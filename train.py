@@ -600,19 +600,19 @@ def predict_fold(fr: FoldRun) -> None:
     engine.barrier()  # done.json exists before any process moves on
 
 
-def fold_finished(files: FoldFiles, num_val: int, num_test: int, num_classes: int) -> bool:
-    """Whether a fold's done record and predictions are whole. A damaged one counts as unfinished (with a warning):
-    the fold resumes from its checkpoints, predicts again and writes the same files over the damaged ones."""
+def finished_record(files: FoldFiles, num_val: int, num_test: int,
+                    num_classes: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """A finished fold's done record and its validation and test probabilities, or None. A damaged one counts as
+    unfinished (with a warning): the fold resumes from its checkpoints, predicts again and writes the same files
+    over the damaged ones."""
     if not files.done.exists():
-        return False
+        return None
     try:
-        runfiles.read_done(files)
-        runfiles.read_fold_probs(files, num_val, num_test, num_classes)
+        return runfiles.read_done(files), *runfiles.read_fold_probs(files, num_val, num_test, num_classes)
     except runfiles.RunFileError as e:
         if engine.is_main_process():
             _logger.warning("%s; fold %d predicts again from its checkpoints", str(e).split("; delete")[0], files.fold)
-        return False
-    return True
+        return None
 
 
 def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndarray, test: Table,
@@ -625,7 +625,7 @@ def train_fold(args: argparse.Namespace, fold: int, table: Table, folds: np.ndar
     every process trains on its shard and evaluates its share; rank 0 alone writes.
     """
     files = RunFiles(run_dir).fold(fold)
-    if fold_finished(files, int((folds == fold).sum()), len(test.paths), len(table.class_names)):
+    if finished_record(files, int((folds == fold).sum()), len(test.paths), len(table.class_names)) is not None:
         _logger.info("fold %d: already finished, skipped", fold)
         return
     main_process, world = engine.is_main_process(), engine.rank_world()[1]
@@ -724,12 +724,11 @@ def run(args: argparse.Namespace, table: Table, test: Table, folds: np.ndarray, 
     return summary
 
 
-def fold_table(files: RunFiles, done: list[int]) -> list[dict]:
-    """One row per finished fold: its best epoch (1-based) of its epochs, the best epoch's validation accuracy,
-    macro F1 and log loss, and the fold's training minutes (from its metrics)."""
+def fold_table(files: RunFiles, records: dict[int, dict]) -> list[dict]:
+    """One row per finished fold (``records``: their done records): its best epoch (1-based) of its epochs, the best
+    epoch's validation accuracy, macro F1 and log loss, and the fold's training minutes (from its metrics)."""
     rows = []
-    for fold in done:
-        record = runfiles.read_done(files.fold(fold))
+    for fold, record in records.items():
         best = record["best_metrics"]
         try:
             minutes = float(runfiles.read_metrics(files.fold(fold))["epoch_time"].sum()) / 60
@@ -745,17 +744,17 @@ def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dic
     """Gather the finished folds: OOF predictions and accuracy, averaged test probabilities, submission."""
     files = RunFiles(run_dir)
     num_classes = len(table.class_names)
-    done = [f for f in files.finished_folds()
-            if fold_finished(files.fold(f), int((folds == f).sum()), len(test.paths), num_classes)]
-    if not done:
+    finished = {f: rec for f in files.finished_folds()
+                if (rec := finished_record(files.fold(f), int((folds == f).sum()), len(test.paths), num_classes))}
+    if not finished:
         raise DataError(f"{run_dir}: no finished fold to predict with")
+    done = list(finished)
     oof_idx, oof_probs, test_probs, per_fold = [], [], np.zeros((len(test.paths), num_classes)), {}
-    for fold in done:
+    for fold, (record, val_p, test_p) in finished.items():
         oof_idx.append(np.flatnonzero(folds == fold))
-        val_p, test_p = runfiles.read_fold_probs(files.fold(fold), len(oof_idx[-1]), len(test.paths), num_classes)
         oof_probs.append(val_p)
         test_probs += test_p
-        per_fold[fold] = runfiles.read_done(files.fold(fold))["val_acc"]
+        per_fold[fold] = record["val_acc"]
     test_probs /= len(done)
     idx = np.concatenate(oof_idx)
     order = np.argsort(idx, kind="stable")
@@ -768,8 +767,8 @@ def finalize(run_dir: Path, table: Table, test: Table, folds: np.ndarray) -> dic
     predictions.write_probs(test_probs, test.rel_paths, files.test_probs)
     submission = predictions.write_submission(test_probs, test.rel_paths, files.submission)
     summary = {"oof_acc": oof_acc, "oof_images": len(idx), "folds_done": done, "fold_val_acc": per_fold,
-               "fold_table": fold_table(files, done), "class_names": table.class_names,
-               "submission": str(files.submission)}
+               "fold_table": fold_table(files, {f: rec[0] for f, rec in finished.items()}),
+               "class_names": table.class_names, "submission": str(files.submission)}
     if (copy := runfiles.read_copy(run_dir)) is not None:  # the copy this run owns in --output_dir stays its own
         summary["copy"] = str(copy)
     runfiles.write_summary(run_dir, summary)

@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 import plots
+import runfiles
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +175,10 @@ def test_ensemble_refuses_mismatched_inputs(tiny_run, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- bad runs
 def test_bad_run_folders(tiny_run, tmp_path):
-    with pytest.raises(plots.RunFileError, match="run folder not found"):
+    with pytest.raises(runfiles.RunFileError, match="run folder not found"):
         plots.write_run_plots(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(plots.RunFileError, match=r"empty/oof\.csv: file not found"):
+    with pytest.raises(runfiles.RunFileError, match=r"empty/oof\.csv: file not found"):
         plots.write_run_plots(tmp_path / "empty")
 
     bad = tmp_path / "bad"
@@ -185,10 +186,10 @@ def test_bad_run_folders(tiny_run, tmp_path):
     oof = pd.read_csv(tiny_run / "oof.csv")
     oof.astype({"pred": str}).assign(pred=lambda d: d["pred"].where(d.index != 5, "x")).to_csv(bad / "oof.csv",
                                                                                              index=False)
-    with pytest.raises(plots.RunFileError, match=r"oof\.csv: line 7: pred 'x' is not a class index"):
+    with pytest.raises(runfiles.RunFileError, match=r"oof\.csv: line 7: pred 'x' is not a class index"):
         plots.write_run_plots(bad)
     oof.assign(target=lambda d: d["target"].where(d.index != 2, 9)).to_csv(bad / "oof.csv", index=False)
     (bad / "summary.json").write_text((tiny_run / "summary.json").read_text())
-    with pytest.raises(plots.RunFileError, match=r"line 4: class index 9 out of range 0\.\.3"):
+    with pytest.raises(runfiles.RunFileError, match=r"line 4: class index 9 out of range 0\.\.3"):
         plots.write_run_plots(bad)
     assert not (bad / "plots").exists()
