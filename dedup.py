@@ -42,13 +42,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from dataset import DataError, load_image
+from errors import DataError
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +76,8 @@ def phash(gray: np.ndarray) -> int:
     brightness, which says nothing about the drawing), and set one bit per coefficient above their median: 63 bits
     in a 64-bit word, 31 of them set, so that two hashes always differ by an even number of bits.
     """
+    import cv2
+
     if gray.ndim == 3:
         gray = cv2.cvtColor(gray, cv2.COLOR_RGB2GRAY)
     small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -95,6 +95,10 @@ def pixel_hash(rgb: np.ndarray) -> bytes:
 
 
 def _hash_one(path: str) -> tuple[bytes, int, int, np.ndarray]:
+    import cv2
+
+    from dataset import load_image
+
     try:
         rgb = load_image(path)
     except DataError:
@@ -280,6 +284,8 @@ def make_group_folds(targets: np.ndarray, groups: np.ndarray, kfold: int, seed: 
     (0.2 -> 1 of 5, 0.3 -> 1 of 3), or above one half all but one of round(1 / (1 - val_ratio)) folds (0.8 -> 4 of
     5): the closest that whole group folds give.
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     targets, groups = np.asarray(targets, dtype=np.int64), np.asarray(groups)
     if len(groups) != len(targets):
         raise ValueError(f"{len(groups)} group ids for {len(targets)} targets")

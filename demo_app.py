@@ -21,19 +21,18 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 import runfiles
-from augmentation import create_transform
-from checkpoints import load_model, run_checkpoints
 from cli import ArgumentParser
-from dataset import IMG_EXTENSIONS, load_image
-from engine import AMP_MODES, TTA_MODES, paper_fill, predict_logits, resolve_amp, resolve_device
 from errors import DataError
-from model import ModelError
+from names import AMP_MODES, TTA_MODES
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +77,8 @@ def checkpoint_groups(run_dir: Path, fold: int | None = None) -> list[list[Path]
     """The checkpoints inference.py predicts with, fold by fold (``fold``: that one alone).
 
     Raises DataError naming the folder when there is no run there or nothing to predict with."""
+    from checkpoints import run_checkpoints
+
     files = runfiles.RunFiles(run_dir)
     if not files.exists():
         raise DataError(f"{run_dir}: no run here ({files.args.name} missing)")
@@ -90,6 +91,12 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     ``amp``: the precision (auto, bf16, fp16, none); by default the run's, as inference.py uses.
     Raises DataError (one line naming the file) for a missing run or a checkpoint this suite did not write.
     """
+    import torch
+
+    from augmentation import create_transform
+    from checkpoints import load_model
+    from engine import paper_fill, resolve_amp, resolve_device
+
     run_dir = Path(run_dir)
     groups = checkpoint_groups(run_dir, fold)
     run_args = runfiles.read_args(run_dir, required=None if amp else {"amp": str})
@@ -124,6 +131,8 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, name: s
 
     ``draft_size`` (W, H): the JPEG draft size the test loader uses. Raises DataError naming ``name``.
     """
+    from dataset import load_image
+
     try:
         return load_image(io.BytesIO(data), draft_size)
     except DataError as e:  # load_image names the stream object; name the upload instead
@@ -138,6 +147,10 @@ def predict_probs(run: DemoRun, image: bytes | np.ndarray, name: str = "image") 
 
     Bytes are decoded for each model at its own working size, as the test loader does (JPEG draft mode).
     """
+    import torch
+
+    from engine import predict_logits
+
     total = np.zeros(len(run.class_names), dtype=np.float64)
     for member in run.members:
         h, w = member.img_size
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: print the top classes for ``--image`` (the page's prediction, without a browser)."""
     parser = get_args_parser()
     args = _parse(parser, argv)
+    from model import ModelError
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.image is None:
         parser.error("--image is required on the command line; for the page: streamlit run demo_app.py -- "
@@ -229,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 def _sidebar(st, args: argparse.Namespace) -> DemoRun:
     """The sidebar: the run folder and its folds to predict with; the models loaded (cached), or the page stopped
     with the one-line reason."""
+    from model import ModelError
+
     default_run = args.run_dir or newest_run()
     st.header("Model")
     run_text = st.text_input("Run folder", value=str(default_run or ""),
@@ -264,6 +281,8 @@ def _sidebar(st, args: argparse.Namespace) -> DemoRun:
 
 def _sketch_input(st) -> tuple[bytes | None, str, bool]:
     """The image to predict: an upload or a drawing (its bytes, its name, whether it was drawn), None until given."""
+    from dataset import IMG_EXTENSIONS
+
     source = st.radio("Input", ["Upload an image", "Draw a sketch"], horizontal=True, label_visibility="collapsed")
     if source == "Upload an image":
         upload = st.file_uploader("Sketch image", type=[e.lstrip(".") for e in IMG_EXTENSIONS])
@@ -326,10 +345,10 @@ def app(argv: list[str] | None = None) -> None:
 
 
 def _in_streamlit() -> bool:
-    try:
-        from streamlit import runtime
-    except ImportError:
+    if "streamlit" not in sys.modules:  # ``streamlit run`` has loaded it before it runs the page
         return False
+    from streamlit import runtime
+
     return runtime.exists()
 
 

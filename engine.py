@@ -32,8 +32,6 @@ from errors import DataError
 from model import has_depthwise_conv
 from seed import seed_worker
 
-AMP_MODES = ("auto", "bf16", "fp16", "none")
-
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; under torchrun each process takes its LOCAL_RANK's GPU."""

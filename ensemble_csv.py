@@ -20,7 +20,9 @@ inside them); the weights are fitted on the runs' out-of-fold predictions, never
 accuracy (see :mod:`ensemble_fit`, which also holds :func:`soft_vote`, re-exported here). It prints each run's OOF
 accuracy and log loss, the weights and the ensemble's OOF accuracy, and the correlation of the runs' OOF
 correctness; it writes the submission, the weighted test probabilities (``--probs_out``), the weights and every
-candidate's scores as JSON (``--weights_out``), the correlation matrix as CSV (``--corr_out``) and two plots.
+candidate's scores as JSON (``--weights_out``), the correlation matrix as CSV (``--corr_out``) and two plots; by
+default these side files go into a folder beside the submission (``ensemble.csv`` -> ``ensemble_fit/``), so that a
+later ``python ensemble_csv.py outputs/*.csv`` sees submissions only.
 
 Usage::
 
@@ -126,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
             "  python ensemble_csv.py best.csv second.csv third.csv -o ensemble.csv --weights 2 1 1\n"
             "  python ensemble_csv.py a/test_probs.csv b/test_probs.csv -o ensemble.csv --probs_out probs.csv\n"
             "  python ensemble_csv.py runs/convnext runs/eva02 runs/resnet50 --fit_weights -o ensemble.csv\n"
-            "      (writes ensemble.csv, ensemble_probs.csv, ensemble_weights.json, ensemble_corr.csv)"
+            "      (writes ensemble.csv and, in ensemble_fit/, probs.csv, weights.json, corr.csv and two plots)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -156,7 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="soft voting only: also write the averaged probabilities, ID,image_path,prob_0,... (default: none; "
-        "with --fit_weights: OUTPUT's name + _probs.csv)",
+        "with --fit_weights: OUTPUT's name + _fit/probs.csv)",
     )
     parser.add_argument(
         "--fit_weights",
@@ -169,14 +171,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="--fit_weights: the weights, per-run and ensemble OOF scores and every candidate, as JSON "
-        "(default: OUTPUT's name + _weights.json)",
+        "(default: OUTPUT's name + _fit/weights.json; the plots go beside it)",
     )
     parser.add_argument(
         "--corr_out",
         default=None,
         metavar="FILE",
         help="--fit_weights: the Pearson correlation of the runs' OOF correctness, as CSV "
-        "(default: OUTPUT's name + _corr.csv)",
+        "(default: OUTPUT's name + _fit/corr.csv)",
     )
     return parser
 
@@ -188,10 +190,13 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _beside(output: str, suffix: str) -> str:
-    """``OUTPUT`` with its extension replaced by ``suffix`` (``ensemble.csv`` -> ``ensemble_weights.json``)."""
+def fit_folder(output: str | os.PathLike) -> Path:
+    """Where ``--fit_weights`` puts its side files: a folder beside OUTPUT (``ensemble.csv`` -> ``ensemble_fit/``).
+
+    A folder, not files beside OUTPUT, so that a glob over the submissions (``outputs/*.csv``) matches none of them.
+    """
     path = Path(output)
-    return str(path.with_name(path.stem + suffix))
+    return path.with_name(path.stem + "_fit")
 
 
 def _check_fit_args(args: argparse.Namespace) -> None:
@@ -199,9 +204,9 @@ def _check_fit_args(args: argparse.Namespace) -> None:
     if args.weights is not None:
         raise EnsembleError("--weights: cannot be given with --fit_weights, which fits the weights")
     args.inputs = [str(resolve_run(path)[1]) for path in args.inputs]
-    args.probs_out = args.probs_out or _beside(args.output, "_probs.csv")
-    args.weights_out = args.weights_out or _beside(args.output, "_weights.json")
-    args.corr_out = args.corr_out or _beside(args.output, "_corr.csv")
+    args.probs_out = args.probs_out or str(fit_folder(args.output) / "probs.csv")
+    args.weights_out = args.weights_out or str(fit_folder(args.output) / "weights.json")
+    args.corr_out = args.corr_out or str(fit_folder(args.output) / "corr.csv")
     outputs = {"--output": args.output, "--probs_out": args.probs_out, "--weights_out": args.weights_out,
                "--corr_out": args.corr_out}
     for i, (a, path_a) in enumerate(outputs.items()):
@@ -262,12 +267,31 @@ def _check_same_rows(keys: pd.DataFrame, path: str, ref: pd.DataFrame, ref_path:
             raise EnsembleError(f"{path}: row {row}: {column} {a[row]!r} differs from {b[row]!r} in {ref_path}")
 
 
-def _load(inputs: Sequence[str]) -> tuple[str, pd.DataFrame, list[np.ndarray]]:
-    """Read every input; return (kind, ID/image_path frame of the first, per-file targets [N] or probs [N, C])."""
-    first = read_prediction_file(inputs[0])
-    data = [first.values]
-    for path in inputs[1:]:
-        pred = read_prediction_file(path)
+def _skip_probs_among_submissions(preds: list, inputs: list[str]) -> tuple[list, list[str]]:
+    """A glob such as ``outputs/*.csv`` may catch probability files beside submissions: vote the submissions.
+
+    Each skipped file is named in a warning line; one submission among probability files is no such glob.
+    """
+    if {pred.kind for pred in preds} != {"submission", "probs"}:
+        return preds, inputs
+    kept = [(pred, path) for pred, path in zip(preds, inputs) if pred.kind == "submission"]
+    if len(kept) < 2:  # not a glob over submissions: refused as a mix of kinds
+        return preds, inputs
+    for pred, path in zip(preds, inputs):
+        if pred.kind == "probs":
+            logger.warning("%s: skipped, a probability file among submissions (vote probability files alone for "
+                           "soft voting)", path)
+    return [pred for pred, _ in kept], [path for _, path in kept]
+
+
+def _load(inputs: list[str], skip_mixed: bool = False) -> tuple[str, pd.DataFrame, list[np.ndarray], list[str]]:
+    """Read every input; return (kind, ID/image_path frame of the first, per-file targets [N] or probs [N, C],
+    the inputs voted). ``skip_mixed``: drop probability files found among submissions instead of refusing them."""
+    preds = [read_prediction_file(path) for path in inputs]
+    if skip_mixed:
+        preds, inputs = _skip_probs_among_submissions(preds, inputs)
+    first = preds[0]
+    for pred, path in zip(preds[1:], inputs[1:]):
         if pred.kind != first.kind:
             raise EnsembleError(f"{path}: is {_KIND_NAMES[pred.kind]} but {inputs[0]} is {_KIND_NAMES[first.kind]}; "
                                 "all inputs must be of one kind")
@@ -275,9 +299,8 @@ def _load(inputs: Sequence[str]) -> tuple[str, pd.DataFrame, list[np.ndarray]]:
             raise EnsembleError(f"{path}: has {pred.values.shape[1]} classes but {inputs[0]} has "
                                 f"{first.values.shape[1]}")
         _check_same_rows(pred.keys, path, first.keys, inputs[0])
-        data.append(pred.values)
         logger.debug("read %s: %d rows", path, len(pred.keys))
-    return first.kind, first.keys, data
+    return first.kind, first.keys, [pred.values for pred in preds], inputs
 
 
 def _log_agreement(inputs: Sequence[str], votes: np.ndarray, result: np.ndarray, weights: Sequence[float] | None
@@ -301,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_fit(parser, args)
     try:
         _check_args(args)
-        kind, keys, data = _load(args.inputs)
+        # With --weights (one per input) a mix of kinds stays refused: the weights could no longer be matched.
+        kind, keys, data, args.inputs = _load(list(args.inputs), skip_mixed=args.weights is None)
         if kind == "submission" and args.probs_out is not None:
             raise EnsembleError(
                 f"{args.inputs[0]}: --probs_out needs probability files, but the inputs are submissions"
@@ -338,7 +362,7 @@ def _main_fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``--fit_weights``: fit the weights on the runs' OOF predictions, report, and soft-vote the test set."""
     try:
         _check_args(args)
-        kind, keys, test_probs = _load(args.inputs)
+        kind, keys, test_probs, _ = _load(args.inputs)
         if kind != "probs":
             raise EnsembleError(f"{args.inputs[0]}: is a submission; --fit_weights needs run folders or their "
                                 "test_probs.csv")

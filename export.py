@@ -44,17 +44,17 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 import runfiles
-from augmentation import create_transform
-from checkpoints import load_model, run_checkpoints
 from cli import ArgumentParser
-from dataset import ImageDataset, read_test_table
 from errors import DataError
 from fileio import WriteError, atomic_write, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class Exported:
 def find_checkpoint(path: Path, fold: int | None) -> Path:
     """The checkpoint ``path`` names: the file itself, or the one a run folder's finished fold ``fold`` (default: the
     lowest finished) predicts with, as inference.py does. DataError (one line) if there is none."""
+    from checkpoints import run_checkpoints
+
     if path.is_file():
         if fold is not None:
             raise DataError(f"--fold {fold}: applies to a run folder, but {path} is a checkpoint file")
@@ -137,6 +139,8 @@ def load_for_export(path: Path) -> tuple[Exported, dict]:
     """Rebuild the checkpoint's model (its prediction weights) in fp32 eval mode; also the raw checkpoint.
 
     DataError naming the file for anything that is not a checkpoint of this suite."""
+    from checkpoints import load_model
+
     model, ckpt = load_model(path)
     norm = ckpt["data_config"]
     num_classes = int(ckpt["num_classes"])
@@ -186,6 +190,8 @@ def export_model(model: torch.nn.Module, img_size: tuple[int, int], opset: int =
     """The fp32 ONNX ModelProto of ``model`` with input ``image`` (N, 3, H, W) and output ``logits`` (N, C).
 
     ExportError (first line of the exporter's message) if the exporter cannot handle the model."""
+    import torch
+
     h, w = img_size
     # A dynamic batch is traced at 2: torch.export specializes dimensions of size 0 and 1.
     example = torch.randn(2 if dynamic_batch else batch_size, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -265,6 +271,11 @@ def staged(proto, path: Path):
 # ----------------------------------------------------------------------------------------------- check
 def load_check_batch(info: Exported, image_paths: list[str], count: int) -> torch.Tensor:
     """The first ``count`` images preprocessed with the evaluation transform, as one (N, 3, H, W) float32 batch."""
+    import torch
+
+    from augmentation import create_transform
+    from dataset import ImageDataset
+
     transform = create_transform(info.img_size, False, mean=info.mean, std=info.std)
     dataset = ImageDataset(image_paths[:count], None, transform, info.img_size)
     images = []
@@ -286,6 +297,7 @@ def check_onnx(model: torch.nn.Module, onnx_model, images: torch.Tensor, dynamic
     (the last filled up by repeating images). Returns the largest absolute logit difference, its tolerance scale
     (the largest absolute PyTorch logit, at least 1) and the top-1 agreement."""
     import onnxruntime as ort
+    import torch
 
     n = len(images)
     if dynamic_batch:
@@ -370,6 +382,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _check_images(args: argparse.Namespace, ckpt: dict) -> list[str]:
     """Paths of the check's images: --check_dir/--check_csv, else the test set the run was trained with."""
     # Only the first --check_images are decoded (and so checked): a large test set is not read through.
+    from dataset import read_test_table
+
     if args.check_dir is not None:
         return read_test_table(args.check_csv, args.check_dir, check=False).paths
     run_args = ckpt.get("args") or {}

@@ -61,7 +61,6 @@ from seed import derive_seed
 
 _logger = logging.getLogger(__name__)
 
-FEATURE_CACHE_MODES = ("auto", "on", "off")
 BACKBONE = "backbone.pth"  # the frozen model's state dict, beside its features
 _VIEW_SEED = 0xFEA7  # keeps the augmented views' seeds apart from every other seed derived from --seed
 

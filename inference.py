@@ -15,21 +15,20 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-import engine
 import limits
 import predictions
 import runfiles
-from augmentation import create_transform
-from checkpoints import load_model, run_checkpoints
 from cli import ArgumentParser
-from dataset import ImageDataset, read_test_table
 from errors import DataError
 from fileio import WriteError
-from model import ModelError
+from names import AMP_MODES, TTA_MODES
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +37,13 @@ def predict_checkpoints(checkpoints: list[Path] | list[list[Path]], test, batch_
                         device: torch.device, amp: str, channels_last: bool = True, tta: str = "none") -> np.ndarray:
     """Mean softmax probabilities over ``checkpoints`` for the test Table ``test`` (groups of checkpoints, as from
     :func:`checkpoints.run_checkpoints`: averaged within each group, then over the groups)."""
+    import torch
+
+    import engine
+    from augmentation import create_transform
+    from checkpoints import load_model
+    from dataset import ImageDataset
+
     groups = [c if isinstance(c, list) else [c] for c in checkpoints]
     weights = [1 / (len(groups) * len(g)) for g in groups for _ in g]
     paths = [c for g in groups for c in g]
@@ -77,15 +83,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--num_workers", type=int, default=None, help="loader workers (default: the run's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", default=None, choices=engine.AMP_MODES,
+    parser.add_argument("--amp", default=None, choices=AMP_MODES,
                         help="precision (default: the run's)")
-    parser.add_argument("--tta", default=None, choices=sorted(engine.TTA_MODES),
+    parser.add_argument("--tta", default=None, choices=sorted(TTA_MODES),
                         help="test-time augmentation (default: the run's --tta)")
     return parser
 
 
 def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, list, Path, Path]:
     """The run's arguments, the checkpoints to predict with, the output and its probability file beside it."""
+    from checkpoints import run_checkpoints
+
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         parser.error("--batch_size must be at least 1 and --num_workers not negative")
     for flag in ("batch_size", "num_workers"):
@@ -96,7 +104,7 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     run_args = runfiles.read_args(args.save_dir, required={"test_dir": (str, type(None)), "test_csv": (str, type(None)),
                                                            "num_workers": int, "amp": str, "channels_last": bool,
                                                            "tta": str})
-    if run_args["amp"] not in engine.AMP_MODES or run_args["tta"] not in engine.TTA_MODES:
+    if run_args["amp"] not in AMP_MODES or run_args["tta"] not in TTA_MODES:
         parser.error(f"{runfiles.RunFiles(args.save_dir).args}: damaged (amp {run_args['amp']!r}, tta "
                      f"{run_args['tta']!r})")
     if args.checkpoint is not None:
@@ -113,6 +121,10 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    import engine
+    from dataset import read_test_table
+    from model import ModelError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         run_args, groups, output, probs_path = _resolve(parser, args)

@@ -26,10 +26,20 @@ import time
 from pathlib import Path
 
 import limits
-from augmentation import AUGMENTATIONS
 from cli import ArgumentParser, default_cache_gb, default_workers
-from loss import LOSSES
-from model import HEADS, MODELS
+from names import (
+    AMP_MODES,
+    AUGMENTATIONS,
+    CACHE_MODES,
+    FEATURE_CACHE_MODES,
+    HEADS,
+    LOSSES,
+    MODELS,
+    MONITORS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TTA_MODES,
+)
 
 HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
@@ -58,8 +68,6 @@ class ImageSize(argparse.Action):
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags."""
-    from dataset import CACHE_MODES
-
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", type=Path, default=None,
                       help="a folder in the competition's layout: train.csv, train/, test.csv, test/ and "
@@ -146,8 +154,6 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _frozen_backbone_args(parser: argparse.ArgumentParser) -> None:
     """The frozen backbone flags."""
-    from features import FEATURE_CACHE_MODES
-
     frozen = parser.add_argument_group("frozen backbone")
     frozen.add_argument("--freeze_backbone", action="store_true",
                         help="train only the classifier head; the frozen part stays in eval mode (batch-norm "
@@ -170,8 +176,6 @@ def _frozen_backbone_args(parser: argparse.ArgumentParser) -> None:
 
 def _optimization_args(parser: argparse.ArgumentParser) -> None:
     """The optimization flags."""
-    from train import MONITORS, OPTIMIZERS, SCHEDULERS
-
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch_size", "-b", "--batch-size", type=int, default=32,
                        help="images per batch (per process under torchrun) (default: 32)")
@@ -201,8 +205,6 @@ def _optimization_args(parser: argparse.ArgumentParser) -> None:
 
 def _more_from_each_model_args(parser: argparse.ArgumentParser) -> None:
     """The more from each model flags."""
-    from engine import TTA_MODES
-
     more = parser.add_argument_group("more from each model")
     more.add_argument("--ema_decay", "--model-ema-decay", type=float, default=0.0,
                       help="keep an exponential moving average of the weights with this decay (e.g. 0.999), "
@@ -234,8 +236,6 @@ def _folds_args(parser: argparse.ArgumentParser) -> None:
 
 def _runtime_args(parser: argparse.ArgumentParser) -> None:
     """The runtime flags."""
-    from engine import AMP_MODES
-
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--config", type=Path, default=None,
                          help="YAML file of flag values (learning_rate: 3.0e-4, aug: strong, ...; see config.py): "
@@ -248,6 +248,9 @@ def _runtime_args(parser: argparse.ArgumentParser) -> None:
                          help="NHWC memory format (default: on)")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the model: slower start, faster steps, mostly on GPUs (default: off)")
+    runtime.add_argument("--sync_bn", action="store_true",
+                         help="under torchrun with several CUDA processes: BatchNorm statistics over the global batch "
+                              "(SyncBatchNorm); no effect in one process (default: off)")
     runtime.add_argument("--deterministic", action="store_true",
                          help="deterministic kernels: a CPU run repeats bit for bit (default: off)")
 
@@ -440,6 +443,12 @@ def _check_args(parser, args: argparse.Namespace) -> None:
             and not args.model.startswith("stack:")):  # a stack's FILE+FILE form: create_model checks each file
         parser.error(f"--pretrained_path {args.pretrained_path}: file not found")
     _check_frozen_args(parser, args)
+    if args.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import engine
+
+        if engine.resolve_device(args.device).type != "cuda":
+            parser.error(f"--sync_bn: SyncBatchNorm runs on CUDA devices only; this run's device is {args.device} "
+                         "(leave --sync_bn out on CPUs)")
 
 
 def _check_frozen_args(parser, args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@
 included); any other name timm knows (``timm.list_models()``) works as it is. Pretrained weights come from the
 Hugging Face hub (``--pretrained``) or from a local file (``--pretrained_path``: a timm/torchvision state dict,
 safetensors, or a checkpoint of this suite). When the hub cannot be reached the error says so at once instead of
-retrying for a minute.
+retrying for a minute; ``tf_efficientnet_lite0/1/2`` then load from an installed offline package (the extra
+``pretrained-offline``, see weights.py) unless the hub's local cache holds their weights.
 
 Pretrained weights are checked tensor by tensor, by name and shape, after timm's own key conversions: one log line
 says how many of the model's tensors they filled (``model X: N of M tensors from FILE (the classifier's K
@@ -34,6 +35,9 @@ from urllib.parse import urlparse
 import timm
 import torch
 from torch import nn
+
+import weights
+from names import HEADS
 
 _logger = logging.getLogger(__name__)
 
@@ -196,6 +200,15 @@ def _weights_source(full: str, name: str, pretrained: bool, file: str | None, kw
         import huggingface_hub.constants as hf_constants
 
         hf_constants.HF_HUB_OFFLINE = True
+        # Unless the hub cache holds them, weights of an installed offline package (the extra pretrained-offline:
+        # tf_efficientnet_lite0/1/2) load instead, mapped into timm's layout (see weights.py).
+        try:
+            local = weights.offline_weights(full)
+        except weights.WeightsError as e:
+            raise ModelError(f"--model {name}: offline weights for {full}: {e}") from None
+        if local is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(local.path)}
+            return local.source
         return "the local hub cache"
     return "the hub"
 
@@ -229,6 +242,7 @@ def _create_timm(full: str, name: str, kwargs: dict, pretrained: bool, file: str
         if source is not None and isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
             raise ModelError(f"--model {name}: pretrained weights for {full} cannot be fetched from {source} "
                              "(no connection to the hub); download them elsewhere and pass --pretrained_path FILE"
+                             + (f", or {hint}" if (hint := weights.install_hint(full.split(".")[0])) else "")
                              + (" (for a stack: one file per backbone joined by '+', or a checkpoint of the whole "
                                 "stack)" if stacked else "")) from None
         if isinstance(e, TypeError) and drop_path_rate is not None:  # models without stochastic depth
@@ -510,9 +524,6 @@ class StackedModel(nn.Module):
 
 def _same_normalization(a: dict, b: dict) -> bool:
     return all(abs(float(x) - float(y)) < 1e-6 for key in ("mean", "std") for x, y in zip(a[key], b[key], strict=True))
-
-
-HEADS = ("linear", "mlp")
 
 
 def set_head(model: nn.Module, head: str, drop_rate: float = 0.0) -> nn.Module:

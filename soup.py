@@ -46,28 +46,25 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 import runfiles
-from augmentation import create_transform
-from checkpoints import load_checkpoint, prediction_state, save_checkpoint
 from cli import ArgumentParser, default_workers
-from dataset import ImageDataset, refuse_rows, resolve_image_paths
-from engine import AMP_MODES, make_loader, predict_logits, resolve_amp, resolve_device
 from errors import DataError
 from fileio import WriteError, write_json
-from model import ModelError, create_model, weights_fill
+from names import AMP_MODES
+
+if TYPE_CHECKING:
+    import torch
 
 _logger = logging.getLogger("soup")
 
 METHODS = ("uniform", "greedy")
 # Keys a checkpoint must hold to be rebuilt and evaluated (the trainer writes these and more).
 REQUIRED_KEYS = ("model", "model_name", "num_classes", "img_size", "data_config")
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -141,6 +138,10 @@ def expand_inputs(inputs: list[str | os.PathLike], fold: int) -> list[Path]:
 
 def load_ingredient(path: Path) -> Ingredient:
     """Load a checkpoint with weights_only=True and check it holds what a soup needs; DataError naming the file."""
+    import torch
+
+    from checkpoints import load_checkpoint, prediction_state
+
     try:
         ckpt = load_checkpoint(path)
     except Exception as e:  # truncated, foreign or unsafe files fail in many ways: name the file, never a traceback
@@ -163,6 +164,10 @@ def load_ingredient(path: Path) -> Ingredient:
 def check_fills_model(ing: Ingredient) -> None:
     """Refuse, naming the file, an ingredient whose weights do not fill exactly the model it names (every tensor,
     BatchNorm counters and classifier included, by name and shape; none beyond); ModelError for a model timm lacks."""
+    import torch
+
+    from model import create_model, weights_fill
+
     with torch.device("meta"):  # shapes only: nothing allocated
         model = create_model(ing.meta["model_name"], ing.meta["num_classes"], head=ing.meta.get("head", "linear"))
     fill = weights_fill(model, {k: tuple(v.shape) for k, v in ing.meta["model"].items()}, replace_head=False,
@@ -203,6 +208,8 @@ def check_compatible(ingredients: list[Ingredient]) -> None:
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The uniform soup: floating-point tensors averaged (in float64), integer buffers taken from the first."""
+    import torch
+
     soup = {}
     for name, first in states[0].items():
         if first.is_floating_point() or first.is_complex():
@@ -216,6 +223,8 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 # ----------------------------------------------------------------------------------------------- held-out data
 def _image_paths(rel_paths: list[str], img_dir: Path, problems: list[str]) -> list[str]:
     """Absolute paths of images named relative to ``img_dir`` (see dataset.resolve_image_paths)."""
+    from dataset import resolve_image_paths
+
     if not img_dir.is_dir():
         raise DataError(f"{img_dir}: image folder not found")
     return resolve_image_paths(rel_paths, img_dir, problems)
@@ -232,6 +241,8 @@ def _targets(values: pd.Series, num_classes: int, problems: list[str]) -> np.nda
 
 def fold_holdout(run_dir: Path, fold: int, num_classes: int) -> Holdout:
     """Fold ``fold``'s validation images of a run (its folds.csv; images under its arguments' train_dir)."""
+    from dataset import refuse_rows
+
     files = runfiles.RunFiles(run_dir)
     train_dir = Path(runfiles.read_args(run_dir, required={"train_dir": str})["train_dir"])
     folds = runfiles.read_folds(run_dir)
@@ -247,6 +258,8 @@ def fold_holdout(run_dir: Path, fold: int, num_classes: int) -> Holdout:
 
 def csv_holdout(csv_path: Path, img_dir: Path, num_classes: int) -> Holdout:
     """Held-out images from an image_path,target CSV; BatchNorm statistics are then recomputed on these images."""
+    from dataset import refuse_rows
+
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: file not found")
     try:
@@ -297,11 +310,25 @@ def check_held_out(ingredients: list[Ingredient], run_dir: Path, fold: int) -> N
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def _batch_norms() -> tuple[type, ...]:
+    """The BatchNorm layer types whose running statistics ``--recompute_bn`` re-estimates."""
+    from torch import nn
+
+    return nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
+
+
 class Evaluator:
     """Loads a state dict into one model and measures its accuracy on the held-out images (the suite's own code)."""
 
     def __init__(self, meta: dict, holdout: Holdout, device: torch.device, amp: str, channels_last: bool,
                  batch_size: int, num_workers: int):
+        import torch
+
+        from augmentation import create_transform
+        from dataset import ImageDataset
+        from engine import make_loader, resolve_amp
+        from model import create_model
+
         self.model = create_model(meta["model_name"], meta["num_classes"], head=meta.get("head", "linear"))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
@@ -312,7 +339,8 @@ class Evaluator:
         self.targets = np.array(holdout.targets)  # a writable copy (pandas hands out read-only arrays)
         self.loader = make_loader(ImageDataset(holdout.paths, self.targets, transform, img_size), batch_size,
                               num_workers, device)
-        self.has_batch_norm = any(isinstance(m, _BATCH_NORMS) for m in self.model.modules())
+        batch_norms = _batch_norms()
+        self.has_batch_norm = any(isinstance(m, batch_norms) for m in self.model.modules())
         self.bn_loader = None
         if holdout.bn_paths:
             self.bn_loader = make_loader(ImageDataset(holdout.bn_paths, None, transform, img_size), batch_size,
@@ -323,19 +351,23 @@ class Evaluator:
 
     def accuracy(self, desc: str = "holdout") -> tuple[float, int]:
         """Held-out accuracy of the loaded weights, and the number of images predicted right."""
+        from engine import predict_logits
+
         logits, _ = predict_logits(self.model, self.loader, self.device, self.amp_dtype, self.channels_last,
                                    desc=desc, fault="soup_step")
         correct = int((logits.argmax(1).numpy() == self.targets).sum())
         return correct / len(self.targets), correct
 
-    @torch.no_grad()
     def recompute_bn(self) -> int:
         """Re-estimate every BatchNorm layer's running statistics over the BatchNorm images; returns the layer count.
 
         The statistics are the plain average over batches (momentum None), in full precision; dropout and the rest
         of the network stay in evaluation mode.
         """
-        norms = [m for m in self.model.modules() if isinstance(m, _BATCH_NORMS)]
+        import torch
+
+        batch_norms = _batch_norms()
+        norms = [m for m in self.model.modules() if isinstance(m, batch_norms)]
         if not norms or self.bn_loader is None:
             return 0
         momenta = [m.momentum for m in norms]
@@ -344,8 +376,9 @@ class Evaluator:
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        for images, _ in self.bn_loader:
-            self.model(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
+        with torch.no_grad():
+            for images, _ in self.bn_loader:
+                self.model(images.to(self.device, non_blocking=True, memory_format=self.memory_format))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         self.model.eval()
@@ -453,6 +486,8 @@ def _holdout(args: argparse.Namespace, ingredients: list[Ingredient], files: lis
 def prepare(args: argparse.Namespace) -> tuple[list[Ingredient], Holdout, Evaluator]:
     """Check the outputs against the inputs and run folders, then load and check the ingredients and the held-out
     images; DataError or ModelError (one line) for anything wrong, before any output is written."""
+    from engine import resolve_device
+
     files = expand_inputs(args.inputs, args.fold)
     inputs = [*args.inputs, *files, *([args.holdout_csv] if args.holdout_csv is not None else [])]
     runfiles.check_outputs([("--output", args.output), ("its recipe", recipe_path(args.output))], inputs)
@@ -472,6 +507,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[Ingredient], Holdout, Evalua
 
 def write_soup(base: Ingredient, state: dict[str, torch.Tensor], recipe: dict, output: Path) -> None:
     """The base ingredient's checkpoint with the soup as its model, then the recipe beside it (WriteError if not)."""
+    from checkpoints import load_checkpoint, save_checkpoint
+
     ckpt = load_checkpoint(base.path)  # the base again, with the optimizer state left out of memory until now
     ckpt["model"] = state
     if "ema" in ckpt:  # the soup is this checkpoint's model now, whichever weights it predicted with before
@@ -498,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    from model import ModelError
+
     try:
         ingredients, holdout, evaluator = prepare(args)
     except (DataError, ModelError) as e:

@@ -358,11 +358,25 @@ def build_loaders(args: argparse.Namespace, t: Training, table: Table, folds: np
     )
 
 
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn ``model``'s BatchNorm layers into SyncBatchNorm, in place (``--sync_bn``; CUDA processes only).
+
+    The new layers share the old ones' parameters and buffers, so the optimizer's and the checkpoints' tensors stay
+    the same and the state dict keeps its keys; statistics are then taken over the whole global batch.
+    """
+    if isinstance(model, torch.nn.modules.batchnorm._BatchNorm):
+        raise ValueError("sync_batchnorm converts the layers inside a model, not a bare BatchNorm layer")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """The module the steps run: ``model`` compiled (``--compile``) and wrapped in DDP under torchrun.
+    """The module the steps run: ``model`` compiled (``--compile``) and wrapped in DDP under torchrun, its BatchNorm
+    layers synchronized across the processes with ``--sync_bn``.
 
     Checkpoints always hold ``model``'s own state dict, so they load with or without either wrapper.
     """
+    if getattr(args, "sync_bn", False) and engine.rank_world()[1] > 1:
+        sync_batchnorm(model)
     net = torch.compile(model) if args.compile else model
     if engine.rank_world()[1] > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -7,9 +7,10 @@
 Each trial trains one fold (``--fold``, default 0) of a k-fold run in ``DIR/trial_<n>`` through the normal trainer,
 with every flag that is not tune.py's own passed on to main.py; its value is the best epoch's ``--monitor``
 (val_acc or val_f1, maximized; val_loss, minimized) on that fold's validation images. The sampler is Optuna's TPE,
-seeded by ``--seed`` (which is also main.py's ``--seed`` of every trial). After each epoch the trial reports its best
-value so far to the pruner (``--pruner``: median, successive halving or none), which stops trials that fall behind
-the others; ``--prune_threshold`` also stops a trial still worse than a fixed value after ``--prune_warmup`` epochs.
+seeded by ``--seed`` plus the trial's number (``--seed`` is also main.py's ``--seed`` of every trial). After each
+epoch the trial reports its best value so far to the pruner (``--pruner``: median, successive halving or none), which
+stops trials that fall behind the others; ``--prune_threshold`` also stops a trial still worse than a fixed value
+after ``--prune_warmup`` epochs.
 
 The search space (``--search``, all four by default)::
 
@@ -20,20 +21,44 @@ The search space (``--search``, all four by default)::
 
 The study folder holds::
 
-    study.db        the Optuna study (SQLite): stop the search at any moment and run the same command again to go on;
-                    --trials counts the finished (complete or pruned) trials of the whole study; a trial that was
-                    cut short is marked failed and does not count
+    study.db        the Optuna study (SQLite), unless --storage puts it elsewhere: stop the search at any moment and
+                    run the same command again to go on
     trial_<n>/      the run folder of trial n (args.json, folds.csv, fold_<k>/metrics.csv, ...; see runfiles.py)
-    trials.csv      trial,state,value,epochs,seconds,<searched flags>: every trial so far; the value of a pruned
-                    trial is its best before it was stopped
+    trials.csv      trial,state,value,epochs,seconds,<searched flags>: every trial so far (running ones too); the
+                    value of a pruned trial is its best before it was stopped
     best.yaml       the best complete trial's settings with the search's fixed flags, for main.py --config (the
                     trial's --fold is left out, so main.py trains every fold); relative paths in it are read from the
                     current folder, as on the command line
-    tune.log        the search's log (each trial's training log is in its folder's train.log)
+    tune.log        the search's log, every worker's (each trial's training log is in its folder's train.log)
+    .reports.lock   held by a worker while it rewrites trials.csv and best.yaml
 
-Trials run one after another in this process (a single device; not under torchrun). trials.csv and best.yaml are
-rewritten (atomically) after every trial. A study folder belongs to one search: run it
-again with other main.py flags (other data, --max_epochs, ...) and it is refused, since its trials would not compare.
+The study (``--storage``, ``--study_name``) is any Optuna storage:
+
+    sqlite:///PATH.db                 SQLite (the default: sqlite:///<study_dir>/study.db); workers on one machine
+    postgresql://USER:PASS@HOST/DB    PostgreSQL, or any other SQLAlchemy URL of Optuna's RDBStorage; needs the
+                                      database's Python driver (postgresql://: pip install "psycopg[binary]")
+    journal:PATH                      an Optuna journal file (JournalStorage), for a shared file system on which
+                                      SQLite's locking is unsafe (NFS)
+
+Several workers: run the same command (same main.py flags, same --study_dir and --storage) in several processes,
+on one machine or on machines that share the study folder. They share the study and the folder: each trial's folder
+is named by its Optuna trial number, which is unique in the study, and each trial holds its folder's lock
+(runfiles.lock_run). ``--trials`` counts the finished (complete or pruned) trials of the whole study, and a worker
+starts no new trial once the finished and running trials reach it, so together the workers stop at ``--trials``
+(workers that start trials at the same moment may run one extra each). A worker that has nothing left to do exits
+at once. trials.csv and best.yaml are rewritten atomically after every trial, by one worker at a time on one machine
+(a short lock on the study folder); between machines the latest rewrite wins. ``--timeout`` is each worker's own.
+
+A trial whose worker was killed stays "running" in the study until it is marked failed (it never counts towards
+``--trials``; its folder is kept): at once by the next worker that starts or finishes a trial on the same machine
+(the worker's process is gone), and on any machine by Optuna's heartbeat: every running trial's worker records a
+heartbeat every ``--heartbeat`` seconds, and a trial whose last one is more than twice that old is marked failed
+before the next trial starts (the clocks of the machines must agree, for a journal file). A running trial of a live
+worker is never touched.
+
+A study belongs to one search: run it again, or start another worker, with other main.py flags (other data,
+--max_epochs, ...) and it is refused, since its trials would not compare (the flags that only say where or how a
+run trains, such as --device and --num_workers, may differ between workers).
 """
 
 from __future__ import annotations
@@ -41,23 +66,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import logging
 import math
+import os
 import shlex
+import socket
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import main as main_module
-from augmentation import AUGMENTATIONS
 from cli import ArgumentParser
 from config import ConfigError, load_config, write_config
+from names import AUGMENTATIONS
 
 _logger = logging.getLogger("tune")
 
 SEARCH = ("learning_rate", "weight_decay", "aug", "mixup")
 PRUNERS = ("median", "halving", "none")
 STUDY_NAME = "tune"
+JOURNAL = "journal:"
+# The trial attribute naming the worker that runs it (user attribute), and a journal trial's last heartbeat.
+WORKER_ATTR = "worker"
+HEARTBEAT_ATTR = "tune:heartbeat"
+# How long a worker waits for the worker that created the study to record its setup.
+SETUP_WAIT_S = 10.0
 # main.py flags that tune.py sets for each trial: giving them is an error.
 PER_TRIAL = ("save_dir", "resume_training", "fold", "seed")
 # Resolved arguments that may differ between the invocations of one search without making its trials incomparable.
@@ -73,14 +109,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False, epilog="Every other flag goes to main.py (python main.py --help).")
     parser.add_argument("--study_dir", type=Path, required=True,
-                        help="the search's folder: study.db, trial_<n>/, trials.csv, best.yaml (resumed if it exists)")
+                        help="the search's folder: study.db, trial_<n>/, trials.csv, best.yaml (resumed if it exists; "
+                             "shared by every worker of the search)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="the Optuna storage of the study, shared by every worker: sqlite:///PATH.db, "
+                             "postgresql://USER:PASS@HOST/DB (any SQLAlchemy URL of Optuna's RDBStorage) or "
+                             "journal:PATH (an Optuna journal file) (default: sqlite:///STUDY_DIR/study.db)")
+    parser.add_argument("--study_name", default=STUDY_NAME,
+                        help="the study's name in --storage, which may hold several (default: tune)")
     parser.add_argument("--trials", type=int, default=20,
-                        help="finished (complete or pruned) trials the study should hold (default: 20)")
+                        help="finished (complete or pruned) trials the study should hold, all workers together "
+                             "(default: 20)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="start no new trial after this many seconds; the running one finishes (default: none)")
+    parser.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                        help="a running trial records a heartbeat this often; one silent for twice as long (its "
+                             "worker was killed) is marked failed by the next worker; give every worker the same "
+                             "(default: 60)")
     parser.add_argument("--fold", type=int, default=0, help="the fold every trial trains and is scored on (default: 0)")
     parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the sampler, and main.py's --seed of every trial (default: 42)")
+                        help="seed of the sampler (plus the trial's number), and main.py's --seed of every trial "
+                             "(default: 42)")
     parser.add_argument("--search", nargs="+", choices=SEARCH, default=list(SEARCH), metavar="FLAG",
                         help=f"the flags to search, among {', '.join(SEARCH)} (default: all)")
     parser.add_argument("--lr_range", type=float, nargs=2, default=[1e-5, 1e-2], metavar=("LOW", "HIGH"),
@@ -119,8 +168,14 @@ def _check_options(parser: argparse.ArgumentParser, opts: argparse.Namespace) ->
         parser.error(f"--startup_trials must not be negative, got {opts.startup_trials}")
     if opts.prune_warmup < 1:
         parser.error(f"--prune_warmup must be at least 1, got {opts.prune_warmup}")
+    if opts.heartbeat < 1:
+        parser.error(f"--heartbeat must be at least 1 (seconds), got {opts.heartbeat}")
     if opts.study_dir.exists() and not opts.study_dir.is_dir():
         parser.error(f"--study_dir {opts.study_dir}: not a folder")
+    if opts.storage is not None:
+        problem = storage_problem(opts.storage)
+        if problem:
+            parser.error(f"--storage {shown_url(opts.storage)}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------- the search space
@@ -156,15 +211,128 @@ def _resolve(base: list[str], opts, settings: dict[str, Any], save_dir: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------- the study
-def _lock(study_dir: Path):
-    """Hold the study folder for this process: a second search in it at the same time is refused."""
-    f = open(study_dir / ".lock", "w")  # noqa: SIM115 - held open (and locked) until the search ends
+def storage_problem(url: str) -> str | None:
+    """Why ``url`` is no storage tune.py can use (None when it is one), checked before anything is written."""
+    if url.startswith(JOURNAL):
+        path = url[len(JOURNAL):]
+        return "give the journal file's path, as journal:PATH" if not path else None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise TuneError(f"--study_dir {study_dir}: another tune.py is searching in it") from None
-    return f
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:  # (an ArgumentError too)
+        return (f"unknown database {url.split(':', 1)[0]!r}; give sqlite:///PATH.db, postgresql://USER:PASS@HOST/DB "
+                "or journal:PATH")
+    except ArgumentError:
+        return "not a storage URL; give sqlite:///PATH.db, postgresql://USER:PASS@HOST/DB or journal:PATH"
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        return "an in-memory database cannot be shared or resumed; give a file, as sqlite:///PATH.db"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return f"its Python driver is not installed ({e}); install it, or name an installed one (DATABASE+DRIVER://...)"
+    return None
+
+
+def shown_url(url: str) -> str:
+    """``url`` for messages and logs, its password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if url.startswith(JOURNAL):
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def storage_url(opts: argparse.Namespace) -> str:
+    """``--storage``, or the default SQLite file in the study folder."""
+    return opts.storage or f"sqlite:///{(opts.study_dir / 'study.db').resolve()}"
+
+
+def storage_name(opts: argparse.Namespace) -> str:
+    """The study's storage as messages name it: the default's file, or ``--storage URL``."""
+    return str(opts.study_dir / "study.db") if opts.storage is None else f"--storage {shown_url(opts.storage)}"
+
+
+def storage_file(opts: argparse.Namespace) -> Path | None:
+    """The local file the storage writes (SQLite database or journal), None for a database server."""
+    url = storage_url(opts)
+    if url.startswith(JOURNAL):
+        return Path(url[len(JOURNAL):])
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None
+
+
+def _log_stale(opts: argparse.Namespace, study, trial) -> None:
+    """Optuna's heartbeat check marked ``trial`` failed: its worker stopped (killed, crashed, cut off)."""
+    _logger.warning("trial %d sent no heartbeat for more than %d s (its worker stopped): marked failed (its folder "
+                    "%s is kept)", trial.number, 2 * opts.heartbeat, opts.study_dir / f"trial_{trial.number}")
+
+
+def make_storage(opts: argparse.Namespace):
+    """The study's storage, with Optuna's heartbeat every ``--heartbeat`` seconds (stale after twice that)."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    url = storage_url(opts)
+    on_stale = functools.partial(_log_stale, opts)
+    with warnings.catch_warnings():  # the heartbeat is an experimental argument of RDBStorage
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if url.startswith(JOURNAL):
+            return journal_storage(Path(url[len(JOURNAL):]), opts.heartbeat, on_stale)
+        # SQLite: a worker waits for another's write instead of failing at once ("database is locked").
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+        def rdb():
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=opts.heartbeat,
+                                              grace_period=2 * opts.heartbeat, heartbeat_stale_trial_callback=on_stale)
+
+        # Workers that start together race to create the tables (PostgreSQL: a unique violation; SQLite: "already
+        # exists"); the loser finds them made when it tries again.
+        for attempt in range(3):
+            try:
+                return rdb()
+            except (IntegrityError, ProgrammingError, OperationalError) as e:
+                if isinstance(e, OperationalError) and "already exists" not in str(e):
+                    raise
+            time.sleep(0.5 * (attempt + 1))
+        return rdb()
+
+
+def journal_storage(path: Path, interval: int, on_stale):
+    """An Optuna JournalStorage on the file ``path`` with RDBStorage's heartbeat: each running trial's worker records
+    the time (a trial system attribute) every ``interval`` seconds, and a running trial whose last record is more
+    than twice that old is stale. Optuna's own journal storage has no heartbeat."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
+        def record_heartbeat(self, trial_id: int) -> None:
+            with contextlib.suppress(UpdateFinishedTrialError):  # another worker marked it failed meanwhile
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            return [self.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                    for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                    if now - t.system_attrs.get(HEARTBEAT_ATTR, now) > 2 * interval]
+
+        def get_heartbeat_interval(self) -> int:
+            return interval
+
+        def get_heartbeat_stale_trial_callback(self):
+            return on_stale
+
+    return JournalHeartbeatStorage(JournalFileBackend(str(path)))
 
 
 def setup_of(args: argparse.Namespace, opts: argparse.Namespace) -> dict[str, Any]:
@@ -176,35 +344,153 @@ def setup_of(args: argparse.Namespace, opts: argparse.Namespace) -> dict[str, An
 
 
 def open_study(opts: argparse.Namespace, args: argparse.Namespace):
-    """Create the study in ``--study_dir``, or load it; refuse one whose trials trained with other flags."""
+    """Create the study in its storage, or load it; refuse one whose trials trained with other flags.
+
+    The worker that creates the study records its setup; a worker that loads it compares (waiting a moment for the
+    record when the study is brand new), so workers started together with other flags are refused too."""
     import optuna
-    from optuna.trial import TrialState
 
     from train import MONITORS
 
-    db = opts.study_dir / "study.db"
     direction = "maximize" if MONITORS[args.monitor] == "max" else "minimize"
     try:
-        study = optuna.create_study(storage=f"sqlite:///{db.resolve()}", study_name=STUDY_NAME, direction=direction,
-                                    load_if_exists=True)
-    except Exception as e:  # a damaged or foreign database: one line, not an SQL traceback
-        raise TuneError(f"{db}: cannot open the study ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    setup = setup_of(args, opts)
-    saved = study.user_attrs.get("setup")
-    if saved is None:
-        study.set_user_attr("setup", setup)
-    else:
+        storage = make_storage(opts)
+        try:
+            study = optuna.create_study(storage=storage, study_name=opts.study_name, direction=direction)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(storage=storage, study_name=opts.study_name)
+            created = False
+        setup = setup_of(args, opts)
+        saved = _saved_setup(study, wait=not created)
+        if saved is None:  # a new study (or one whose creator stopped before recording its setup)
+            study.set_user_attr("setup", setup)
+    except Exception as e:  # a damaged or foreign database, a server that refuses: one line, not a traceback
+        raise TuneError(f"{storage_name(opts)}: cannot open the study ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if saved is not None:
         changed = [k for k in sorted(set(saved) & set(setup)) if saved[k] != setup[k]]
         if changed:
-            raise TuneError(f"--study_dir {opts.study_dir}: its trials trained with other flags ("
+            where = f"--study_dir {opts.study_dir}" if opts.storage is None else storage_name(opts)
+            raise TuneError(f"{where}: its trials trained with other flags ("
                             + ", ".join(f"--{k} {saved[k]!r} there, {setup[k]!r} now" for k in changed[:4])
-                            + "); use another --study_dir")
-    # This process holds the folder's lock, so a trial still marked running was cut short (killed, crashed).
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
-        _logger.warning("trial %d was cut short: marked failed (its folder %s is kept)", t.number,
-                        opts.study_dir / f"trial_{t.number}")
+                            + f"); use another {'--study_dir' if opts.storage is None else '--study_name'}")
+    fail_cut_short(study, opts)
+    fail_stale(study)
     return study
+
+
+def _saved_setup(study, wait: bool) -> dict | None:
+    """The setup the study's creator recorded; ``wait``: give a creator that started at the same moment time to."""
+    deadline = time.monotonic() + (SETUP_WAIT_S if wait else 0.0)
+    while True:
+        saved = study.user_attrs.get("setup")
+        if saved is not None or time.monotonic() >= deadline:
+            return saved
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------------------------- the workers
+@functools.cache
+def worker_machine() -> str:
+    """This machine and process namespace: the workers whose processes this one can see (host name, boot id, pid
+    namespace; the host name alone where /proc is missing)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return " ".join(parts)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _cut_short(trial, opts: argparse.Namespace) -> bool:
+    """Whether running ``trial``'s worker is surely gone: a process of this machine that no longer runs, or no
+    worker recorded long after the trial started (a worker records itself as soon as its trial starts; a trial
+    without one was left by a tune.py that kept no record, or by a worker killed at that very moment)."""
+    import datetime
+
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is None:
+        start = trial.datetime_start
+        return start is not None and (datetime.datetime.now() - start).total_seconds() > 2 * opts.heartbeat
+    return worker.get("machine") == worker_machine() and worker.get("pid") != os.getpid() and not process_alive(
+        worker.get("pid", 0))
+
+
+def fail_cut_short(study, opts: argparse.Namespace) -> None:
+    """Mark failed the running trials whose worker ran on this machine and is gone (killed, crashed): no need to
+    wait for the heartbeat. Trials of live workers, and of other machines, are left alone."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _cut_short(t, opts):
+            continue
+        if study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True).state == TrialState.FAIL:
+            _logger.warning("trial %d was cut short: marked failed (its folder %s is kept)", t.number,
+                            opts.study_dir / f"trial_{t.number}")
+
+
+def fail_stale(study) -> None:
+    """Optuna's heartbeat check: mark failed the running trials whose worker stopped recording heartbeats."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def study_counts(study) -> tuple[int, int]:
+    """(finished trials, complete or pruned; running trials) of the whole study."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states), states.count(TrialState.RUNNING)
+
+
+def make_sampler(seed: int):
+    """Optuna's TPE, seeded by ``seed`` plus each trial's number: workers that start together draw different values,
+    and a search resumed or shared draws what the same trial numbers would."""
+    import optuna
+
+    class TrialSeededSampler(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._samplers: dict[int, optuna.samplers.TPESampler] = {}
+
+        def _of(self, trial) -> optuna.samplers.TPESampler:
+            if trial.number not in self._samplers:
+                self._samplers[trial.number] = optuna.samplers.TPESampler(seed=seed + trial.number)
+            return self._samplers[trial.number]
+
+        def infer_relative_search_space(self, study, trial):
+            return self._of(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._of(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._of(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._of(trial).after_trial(study, trial, state, values)
+            self._samplers.pop(trial.number, None)
+
+    return TrialSeededSampler()
 
 
 def make_pruner(opts: argparse.Namespace):
@@ -230,11 +516,13 @@ class Objective:
         import runfiles
         import train
 
+        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "machine": worker_machine(),
+                                          "pid": os.getpid()})
         settings = suggest(trial, self.opts)
         trial.set_user_attr("settings", settings)
         save_dir = self.opts.study_dir / f"trial_{trial.number}"
         if runfiles.is_run(save_dir):
-            raise TuneError(f"{save_dir}: holds a run that {self.opts.study_dir / 'study.db'} does not know (was the "
+            raise TuneError(f"{save_dir}: holds a run that {storage_name(self.opts)} does not know (was the "
                             "database replaced?); move the folder away or use another --study_dir")
         try:
             args = _resolve(self.base, self.opts, settings, save_dir)
@@ -281,12 +569,28 @@ def fixed_values(given: dict[str, Any], main_parser, opts: argparse.Namespace) -
 
 def write_reports(study, opts: argparse.Namespace, fixed: dict[str, Any], monitor: str):
     """Rewrite trials.csv, and best.yaml from the best complete trial (None while there is none)."""
+    with _reports_lock(opts.study_dir):  # read and written by one worker at a time: a newer view is never undone
+        trials = study.get_trials(deepcopy=False)
+        return _write_reports(study, trials, opts, fixed, monitor)
+
+
+@contextlib.contextmanager
+def _reports_lock(study_dir: Path):
+    """A short exclusive fcntl lock on the study folder's .reports.lock (waits for the holder; none where the file
+    system has no locks)."""
+    with open(study_dir / ".reports.lock", "a") as f:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _write_reports(study, trials, opts: argparse.Namespace, fixed: dict[str, Any], monitor: str):
     import pandas as pd
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     from fileio import write_csv
 
-    trials = study.get_trials(deepcopy=False)
     searched = [k for k in SEARCH if any(k in t.user_attrs.get("settings", {}) for t in trials)]
     rows = []
     for t in trials:
@@ -301,7 +605,8 @@ def write_reports(study, opts: argparse.Namespace, fixed: dict[str, Any], monito
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return None
-    best = study.best_trial
+    pick = max if study.direction == StudyDirection.MAXIMIZE else min
+    best = pick(complete, key=lambda t: t.value)
     write_config({**fixed, **best.user_attrs["settings"]}, opts.study_dir / "best.yaml",
                  comment=f"tune.py: trial {best.number} of {opts.study_dir}, {monitor} {best.value:.6g} on fold "
                          f"{opts.fold}\ntrain every fold with it: python main.py --config "
@@ -396,66 +701,93 @@ def main(argv: list[str] | None = None) -> int:
     main_parser = main_module.get_args_parser()
     given, args = _check_base(parser, opts, base, main_parser)
 
-    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
 
-    import runfiles
     from errors import DataError
     from fileio import WriteError
     from model import ModelError
 
     stream = _setup_logging()
-    file_log = lock = None
-    study = fixed = None
+    file_log = None
+    state: dict[str, Any] = {}  # the study and best.yaml's fixed values, once known (for an interrupted search)
     try:
-        inputs = [p for p in (given.get("config"), args.train_csv, args.test_csv) if p is not None]
-        runfiles.check_outputs([("--study_dir", opts.study_dir / name) for name in ("study.db", "trials.csv",
-                                                                                    "best.yaml", "tune.log")], inputs)
-        try:
-            opts.study_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TuneError(f"--study_dir {opts.study_dir}: cannot create it ({e.strerror})") from None
-        lock = _lock(opts.study_dir)
-        file_log = logging.FileHandler(opts.study_dir / "tune.log")
-        file_log.setFormatter(stream.formatter)
-        logging.getLogger().addHandler(file_log)
-        fixed = fixed_values(given, main_parser, opts)
-        study = open_study(opts, args)
-
-        table, test, folds = _read_once(args)
-
-        finished = [t for t in study.get_trials(deepcopy=False)
-                    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-        remaining = opts.trials - len(finished)
-        # Seeded by the study's length too: a resumed search must not draw its first trials' values again.
-        study.sampler = optuna.samplers.TPESampler(seed=opts.seed + len(study.trials))
-        study.pruner = make_pruner(opts)
-        _logger.info("study %s: %d finished trial(s), %d to go (fold %d of --kfold %d, %s %s)", opts.study_dir,
-                     len(finished), max(remaining, 0), opts.fold, args.kfold, study.direction.name.lower(),
-                     args.monitor)
-        if remaining > 0:
-            study.optimize(Objective(opts, base, table, test, folds), n_trials=remaining, timeout=opts.timeout,
-                           gc_after_trial=True,
-                           callbacks=[lambda s, _t: write_reports(s, opts, fixed, args.monitor)])
-        best = write_reports(study, opts, fixed, args.monitor)
+        file_log = _prepare_folder(opts, given, args, stream.formatter)
+        best = search(opts, base, given, args, main_parser, state)
     except (DataError, ModelError, ConfigError, TuneError) as e:
         parser.error(str(e))
     except WriteError as e:
         sys.exit(f"{parser.prog}: error: {e.strerror}")
+    except UpdateFinishedTrialError as e:  # this worker's heartbeat stalled and another one failed its trial
+        sys.exit(f"{parser.prog}: error: {e} (another worker marked it failed: no heartbeat for more than "
+                 f"{2 * opts.heartbeat} s); run the same command again to go on")
     except KeyboardInterrupt:
-        if study is not None:
-            write_reports(study, opts, fixed, args.monitor)
+        if "study" in state:
+            write_reports(state["study"], opts, state["fixed"], args.monitor)
         sys.exit(f"{parser.prog}: interrupted; run the same command again to go on")
     finally:
-        if lock is not None:
-            lock.close()  # releases the folder for the next search
         logging.getLogger().removeHandler(stream)
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
             file_log.close()
+    return _print_result(parser, opts, args, state["study"], best)
 
-    states = [t.state.name.lower() for t in study.trials]
-    print(f"study:       {opts.study_dir / 'study.db'} ({len(states)} trials: {states.count('complete')} complete, "
-          f"{states.count('pruned')} pruned, {states.count('fail')} failed)")
+
+def _prepare_folder(opts: argparse.Namespace, given: dict, args: argparse.Namespace,
+                    formatter: logging.Formatter) -> logging.Handler:
+    """Check the outputs, create the study folder, log to its tune.log (appended to by every worker)."""
+    import runfiles
+
+    inputs = [p for p in (given.get("config"), args.train_csv, args.test_csv) if p is not None]
+    where = storage_file(opts)
+    outputs = [("--study_dir", opts.study_dir / name) for name in ("trials.csv", "best.yaml", "tune.log")]
+    if where is not None:
+        outputs.append(("--study_dir" if opts.storage is None else "--storage", where))
+    runfiles.check_outputs(outputs, inputs)
+    try:
+        opts.study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TuneError(f"--study_dir {opts.study_dir}: cannot create it ({e.strerror})") from None
+    file_log = logging.FileHandler(opts.study_dir / "tune.log")
+    file_log.setFormatter(formatter)
+    logging.getLogger().addHandler(file_log)
+    return file_log
+
+
+def search(opts: argparse.Namespace, base: list[str], given: dict, args: argparse.Namespace, main_parser,
+           state: dict):
+    """Open the study and run trials until the whole study holds ``--trials`` finished ones (or ``--timeout``);
+    return the best complete trial (None while there is none)."""
+    state["fixed"] = fixed = fixed_values(given, main_parser, opts)
+    state["study"] = study = open_study(opts, args)
+    table, test, folds = _read_once(args)
+    study.sampler = make_sampler(opts.seed)
+    study.pruner = make_pruner(opts)
+    finished, running = study_counts(study)
+    remaining = opts.trials - finished - running
+    _logger.info("study %s (%s): %d finished trial(s), %d running, %d to go (fold %d of --kfold %d, %s %s)",
+                 opts.study_name, storage_name(opts), finished, running, max(remaining, 0), opts.fold, args.kfold,
+                 study.direction.name.lower(), args.monitor)
+
+    def after_trial(study, _trial) -> None:
+        fail_cut_short(study, opts)
+        fail_stale(study)
+        write_reports(study, opts, fixed, args.monitor)
+        if sum(study_counts(study)) >= opts.trials:  # the other workers' running trials will finish the study
+            study.stop()
+
+    if remaining > 0:
+        # n_trials bounds this worker alone (trials that keep failing do not count towards --trials).
+        study.optimize(Objective(opts, base, table, test, folds), n_trials=remaining, timeout=opts.timeout,
+                       gc_after_trial=True, callbacks=[after_trial])
+    return write_reports(study, opts, fixed, args.monitor)
+
+
+def _print_result(parser, opts: argparse.Namespace, args: argparse.Namespace, study, best) -> int:
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    running = f", {states.count('running')} running" if "running" in states else ""
+    print(f"study:       {storage_name(opts).removeprefix('--storage ')} ({len(states)} trials: "
+          f"{states.count('complete')} complete, {states.count('pruned')} pruned, {states.count('fail')} failed"
+          f"{running})")
     print(f"trials:      {opts.study_dir / 'trials.csv'}")
     if best is None:
         sys.exit(f"{parser.prog}: error: no trial completed yet; see {opts.study_dir / 'trials.csv'}")

@@ -26,8 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import write_subset  # noqa: E402
-
 COMPARED = ("submission.csv", "oof.csv", "oof_probs.npy", "test_probs.csv")
 # Crash points worth killing at; args.json is excluded (a run killed before its arguments exist is simply re-run).
 KINDS = ("train_step", "val_step", "test_step", "write:last.pth", "link:best.pth", "write:metrics.csv",
@@ -103,6 +101,8 @@ def kill_and_resume(point: str, data: Path, reference: Path, workdir: Path) -> O
 def run_harness(points: int, seed: int, workdir: Path, data: Path | None = None,
                 chosen: list[str] | None = None) -> list[Outcome]:
     """The whole experiment in ``workdir``; ``chosen`` overrides the random kill points."""
+    from dataset import write_subset
+
     data = data or write_subset(ROOT / "data" / "tuberlin10", workdir / "data", classes=4, per_class=12,
                                 test_images=10)
     reference, counts = reference_run(data, workdir)

@@ -41,26 +41,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# As augmentation.py: albumentations (the reference loop's) looks for updates on import without this.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import main as suite_main  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
-from dataset import DataError, ImageCache, ImageDataset, SeededSampler, Table, read_train_table  # noqa: E402
-from engine import autocast, make_loader, predict_logits, resolve_device  # noqa: E402
-from model import ModelError, create_model  # noqa: E402
-from seed import derive_seed, seed_everything  # noqa: E402
-from train import build_training, train_one_epoch, wrap_model  # noqa: E402
+from errors import DataError  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    from dataset import ImageCache, Table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tuberlin40"
 LOOPS = ("ceiling", "suite", "reference")
@@ -99,11 +97,15 @@ class Result:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _start(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -111,6 +113,8 @@ def _start(device: torch.device) -> None:
 
 
 def _finish(result: Result, device: torch.device) -> Result:
+    import torch
+
     result.rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result.cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -143,10 +147,14 @@ def upscale_copies(table: Table, idx: np.ndarray, size: int, folder: Path) -> li
     return [str(d) for d in dsts]
 
 
-class ReferenceDataset(Dataset):
-    """The usual baseline's dataset: full-size ``cv2.imread``, BGR to RGB, then an albumentations pipeline."""
+class ReferenceDataset:
+    """The usual baseline's dataset: full-size ``cv2.imread``, BGR to RGB, then an albumentations pipeline (a
+    map-style dataset of torch's DataLoader)."""
 
     def __init__(self, paths: list[str], targets: np.ndarray, size: int):
+        import albumentations as A
+        from albumentations.pytorch import ToTensorV2
+
         self.paths, self.targets = paths, targets
         self.transform = A.Compose([A.Resize(size, size), A.Normalize(), ToTensorV2()])
 
@@ -154,12 +162,18 @@ class ReferenceDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        import cv2
+
         image = cv2.cvtColor(cv2.imread(self.paths[index]), cv2.COLOR_BGR2RGB)
         return self.transform(image=image)["image"], int(self.targets[index])
 
 
 def _memory_batch(paths: list[str], transform, img_size: tuple[int, int], count: int) -> torch.Tensor:
     """``count`` real images through ``transform``, stacked (repeating the images if there are fewer)."""
+    import torch
+
+    from dataset import ImageDataset
+
     ds = ImageDataset(paths, None, transform, img_size)
     return torch.stack([ds[i % len(ds)][0] for i in range(count)])
 
@@ -167,6 +181,12 @@ def _memory_batch(paths: list[str], transform, img_size: tuple[int, int], count:
 # ----------------------------------------------------------------------------------------------- training loops
 def train_ceiling(args, num_classes: int, paths: list[str], device: torch.device, epochs: int) -> Result:
     """Suite training steps (precision, memory format, optimizer, loss, scaler) on one batch held on the device."""
+    import torch
+
+    from engine import autocast
+    from seed import seed_everything
+    from train import build_training, wrap_model
+
     seed_everything(args.seed)
     t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
     net = wrap_model(t.model, args, device)
@@ -198,6 +218,11 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
 
     Returns the result and the trained training bundle (its model is measured for inference next).
     """
+    from dataset import ImageDataset, SeededSampler
+    from engine import make_loader
+    from seed import derive_seed, seed_everything
+    from train import build_training, train_one_epoch, wrap_model
+
     fold = 0
     seed_everything(derive_seed(args.seed, fold), args.deterministic)
     t = build_training(args, num_classes, len(paths), device, load_pretrained=False)
@@ -233,6 +258,8 @@ def train_suite(args, num_classes: int, paths: list[str], targets: np.ndarray, d
 
 def _cache(args, paths: list[str]) -> ImageCache | None:
     """A cache of ``paths`` as ``train.build_caches`` makes it for ``--cache`` (None for ``none``)."""
+    from dataset import ImageCache
+
     if args.cache == "none":
         return None
     return ImageCache(paths, (args.resize_height, args.resize_width), args.cache, int(args.cache_gb * 2**30),
@@ -243,6 +270,13 @@ def train_reference(
     args, num_classes: int, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int
 ) -> tuple[Result, torch.nn.Module]:
     """The usual baseline: fp32 NCHW model, cv2 decode + Resize + Normalize, DataLoader(shuffle=True), AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from model import create_model
+    from seed import seed_everything
+
     seed_everything(args.seed)
     model = create_model(args.model, num_classes, drop_rate=args.drop_rate, drop_path_rate=args.drop_path).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
@@ -273,6 +307,10 @@ def train_reference(
 # ----------------------------------------------------------------------------------------------- inference loops
 def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
     """Forward passes of the suite's model in its precision and memory format on one batch held on the device."""
+    import torch
+
+    from engine import autocast
+
     batch = args.eval_batch_size
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = _memory_batch(paths, t.eval_transform, t.img_size, batch).to(device, memory_format=memory_format)
@@ -294,6 +332,9 @@ def infer_ceiling(args, t, paths: list[str], device: torch.device, epochs: int) 
 def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) -> Result:
     """``engine.predict_logits`` with the eval transform, its own cache and the suite's evaluation loader, whose
     workers live as long as a fold (``train.build_loaders``): each epoch is one validation pass."""
+    from dataset import ImageDataset
+    from engine import make_loader, predict_logits
+
     loader = make_loader(
         ImageDataset(paths, None, t.eval_transform, t.img_size, _cache(args, paths)), args.eval_batch_size,
         args.num_workers, device, persistent=True
@@ -311,6 +352,9 @@ def infer_reference(
     args, model: torch.nn.Module, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int
 ) -> Result:
     """The baseline's prediction: fp32 NCHW forward under ``torch.no_grad`` with its own loader."""
+    import torch
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
         ReferenceDataset(paths, targets, args.resize_height),
         batch_size=args.eval_batch_size,
@@ -400,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--images {opts.images} is fewer than one --batch_size {opts.batch_size}")
     if opts.upscale is not None and opts.upscale < 1:
         parser.error("--upscale must be at least 1")
+    import torch
+
+    from dataset import read_train_table
+    from engine import resolve_device
+    from model import ModelError
+
     with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
         # The suite's own argument Namespace, resolved as main.py resolves it.
         args = suite_main.resolve_args(
@@ -463,6 +513,8 @@ def _progress(loop: str) -> None:
 
 def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int) -> None:
     """Measure the six loops and print the tables."""
+    import torch
+
     with Image.open(paths[0]) as im:
         source = f"{im.width}x{im.height} px JPEGs" + (", upscaled copies" if opts.upscale else "")
     epochs = opts.epochs

@@ -5,6 +5,7 @@ The reader's own checks are tested in test_predictions.py, the --fit_weights pat
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,8 @@ def _case(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return [a, b, _bad_file(tmp_path, "long.csv", GOOD + "4,4.JPEG,0\n")], "long.csv"
     if case == "mixed_kinds":
         return [a, p1], "p1.csv"
+    if case == "mixed_kinds_weights":  # one weight per input: a probability file among them cannot be skipped
+        return [a, b, p1, "--weights", "1", "1", "1"], "p1.csv"
     if case == "class_counts":
         return [p1, write_probs(tmp_path / "p4.csv", np.full((4, 4), 0.25))], "p4.csv"
     if case == "nan_prob":
@@ -302,6 +305,7 @@ REFUSALS = [
     "shorter",
     "longer",
     "mixed_kinds",
+    "mixed_kinds_weights",
     "class_counts",
     "nan_prob",
     "weights_count",
@@ -327,6 +331,20 @@ def test_refusal(tmp_path, capsys, case):
     assert out.read_bytes() == SENTINEL
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert after == before  # no new file (no probs_out, no temporary left behind), nothing touched
+
+
+def test_cli_skips_probability_files_among_submissions(subs, tmp_path, caplog):
+    """``outputs/*.csv`` may catch an ``inference.py --output`` file's ``_probs.csv`` sibling: it is skipped, named."""
+    a, b = subs[:2]
+    probs = write_probs(tmp_path / "x_probs.csv", np.full((len(pd.read_csv(a)), 3), 1 / 3))
+    out = tmp_path / "vote.csv"
+    with caplog.at_level(logging.WARNING, logger="ensemble_csv"):
+        assert ensemble_csv.main([str(a), str(probs), str(b), "-o", str(out)]) == 0
+    both = ensemble_csv.main([str(a), str(b), "-o", str(tmp_path / "both.csv")])
+    assert both == 0 and out.read_bytes() == (tmp_path / "both.csv").read_bytes()
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"{probs}: skipped, a probability file among submissions (vote probability files alone for "
+                       "soft voting)"]
 
 
 @pytest.mark.parametrize("option", ["-o", "--probs_out"])

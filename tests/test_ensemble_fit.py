@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_cli_fit_weights_hand_made_runs(tmp_path):
     out = tmp_path / "out" / "ens.csv"
     r = run_cli(a, b / "test_probs.csv", "--fit_weights", "-o", out)
     assert r.returncode == 0, r.stderr
-    report = json.loads((tmp_path / "out" / "ens_weights.json").read_text())
+    report = json.loads((tmp_path / "out" / "ens_fit" / "weights.json").read_text())
     assert report["chosen"] == "fitted"
     np.testing.assert_allclose(report["weights"], [0.75, 0.25], atol=1e-9)
     lines = r.stdout.splitlines()
@@ -154,11 +155,18 @@ def test_cli_fit_weights_hand_made_runs(tmp_path):
     assert lines[3].startswith("ensemble OOF acc 0.7500,") and "best single run a 0.7500" in lines[3]
     # Test rows: 0.75 * A + 0.25 * B.
     expected = 0.75 * np.array([[0.9, 0.1], [0.2, 0.8]]) + 0.25 * np.array([[0.1, 0.9], [0.6, 0.4]])
-    _, probs = read_probs(tmp_path / "out" / "ens_probs.csv")
+    _, probs = read_probs(tmp_path / "out" / "ens_fit" / "probs.csv")
     np.testing.assert_allclose(probs, expected, atol=1e-9)
     assert read_submission(out)["target"].tolist() == [0, 1]
-    corr = pd.read_csv(tmp_path / "out" / "ens_corr.csv", index_col="run")
+    corr = pd.read_csv(tmp_path / "out" / "ens_fit" / "corr.csv", index_col="run")
     assert corr.loc["a", "b"] == pytest.approx(-1.0) and corr.loc["a", "a"] == 1.0  # A right exactly where B is wrong
+    # The side files sit in ens_fit/, so a glob over the folder's submissions (the README's next step) votes.
+    shutil.copyfile(out, tmp_path / "out" / "other.csv")
+    glob = sorted(str(p) for p in (tmp_path / "out").glob("*.csv"))
+    assert [Path(p).name for p in glob] == ["ens.csv", "other.csv"]
+    r = run_cli(*glob, "-o", tmp_path / "vote.csv")
+    assert r.returncode == 0, r.stderr
+    assert read_submission(tmp_path / "vote.csv")["target"].tolist() == [0, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,13 +199,13 @@ def test_cli_fit_weights_real_runs(oof_runs, tmp_path, tiny_data):
     r = run_cli(*oof_runs[:2], oof_runs[2] / "test_probs.csv", "--fit_weights", "-o", out)
     assert r.returncode == 0, r.stderr
     names = [run.name for run in oof_runs]
-    report = json.loads((tmp_path / "ens_weights.json").read_text())
+    report = json.loads((tmp_path / "ens_fit" / "weights.json").read_text())
     weights = np.array(report["weights"])
     assert len(weights) == 3 and (weights >= 0).all() and weights.sum() == pytest.approx(1.0, abs=1e-12)
     for png in ("model_correlation.png", "model_accuracy.png"):  # the ensemble's plots, beside its report
-        with Image.open(tmp_path / png) as im:
+        with Image.open(tmp_path / "ens_fit" / png) as im:
             assert im.format == "PNG" and min(im.size) > 200
-        assert str(tmp_path / png) in r.stdout
+        assert str(tmp_path / "ens_fit" / png) in r.stdout
 
     # Per-run OOF accuracy, recomputed from the run folders.
     frames = [_oof(run) for run in oof_runs]
@@ -228,7 +236,7 @@ def test_cli_fit_weights_real_runs(oof_runs, tmp_path, tiny_data):
     assert all(fitted["oof_log_loss"] <= c["oof_log_loss"] + 1e-12 for c in report["candidates"])
 
     # Correlation: the CSV equals numpy's Pearson correlation of OOF correctness; symmetric, unit diagonal.
-    corr = pd.read_csv(tmp_path / "ens_corr.csv", index_col="run")
+    corr = pd.read_csv(tmp_path / "ens_fit" / "corr.csv", index_col="run")
     assert corr.index.tolist() == names and corr.columns.tolist() == names
     correct = np.stack([(p.argmax(1) == targets).astype(float) for _, p in frames])
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -247,7 +255,7 @@ def test_cli_fit_weights_real_runs(oof_runs, tmp_path, tiny_data):
     # Test side: the weighted mean of the runs' test_probs.csv, and its argmax as the submission.
     test_probs = [read_probs(run / "test_probs.csv")[1] for run in oof_runs]
     expected_probs = sum(w * p for w, p in zip(weights, test_probs))
-    keys, probs = read_probs(tmp_path / "ens_probs.csv")
+    keys, probs = read_probs(tmp_path / "ens_fit" / "probs.csv")
     np.testing.assert_allclose(probs, expected_probs, atol=1e-12)
     sub = pd.read_csv(out)
     test_csv = pd.read_csv(tiny_data / "test.csv")
@@ -259,7 +267,7 @@ def test_cli_fit_weights_real_runs(oof_runs, tmp_path, tiny_data):
     # The same inputs give the same weights.
     again = run_cli(*oof_runs, "--fit_weights", "-o", tmp_path / "again.csv")
     assert again.returncode == 0, again.stderr
-    assert json.loads((tmp_path / "again_weights.json").read_text())["weights"] == report["weights"]
+    assert json.loads((tmp_path / "again_fit" / "weights.json").read_text())["weights"] == report["weights"]
 
 
 def _mismatch_pair(tmp_path: Path) -> tuple[Path, Path]:

@@ -269,6 +269,7 @@ CHECKED_ELSEWHERE = {
     "config",  # test_config.py
     "feature_views", "feature_cache",  # test_features.py, end to end
     "data_dir", "img_size",  # test_cli.py: test_data_dir_fills_the_data_flags, test_img_size_sets_both_sides
+    "sync_bn",  # test_sync_bn_converts_batchnorm_under_ddp, test_sync_bn_refused_on_cpu_processes below
 }
 
 
@@ -281,6 +282,34 @@ def test_flag_reaches_its_consumer(flag):
 def test_every_flag_is_checked():
     dests = {a.dest for a in main_module.get_args_parser()._actions if a.option_strings and a.dest != "help"}
     assert dests - set(FLAG_CHECKS) - CHECKED_ELSEWHERE == set()
+
+
+def test_sync_bn_converts_batchnorm_in_place():
+    """--sync_bn's conversion: BatchNorm layers become SyncBatchNorm in the same model, holding the same tensors (the
+    optimizer's and the checkpoints'), under the same state-dict keys. (DDP takes SyncBatchNorm on CUDA devices only,
+    so the wrapped forward is not run here.)"""
+    t = _build("--sync_bn")
+    model = t.model
+    before = model.state_dict(keep_vars=True)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert train.sync_batchnorm(model) is model
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+
+
+def test_sync_bn_refused_on_cpu_processes(monkeypatch, capsys):
+    """SyncBatchNorm has no CPU kernel: under torchrun on CPUs the flag is refused before any work; alone it is
+    accepted (it has no effect in one process)."""
+    parser = main_module.get_args_parser()
+    args = main_module.resolve_args(parser, ["--sync_bn", "--device", "cpu", "--save_dir", "/nonexistent/run"])
+    assert args.sync_bn
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main_module.resolve_args(parser, ["--sync_bn", "--device", "cpu", "--save_dir", "/nonexistent/run"])
+    assert e.value.code == 2
+    assert "--sync_bn: SyncBatchNorm runs on CUDA devices only" in capsys.readouterr().err
 
 
 def test_channels_last_default_on():

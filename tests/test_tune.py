@@ -3,21 +3,36 @@ trials.csv against the trial folders, best.yaml against the best trial, and ever
 
 One search serves the artifact tests: 3 trials asked, the third killed (SIGKILL) when its fold is done; then the
 same search resumed with a threshold no trial can reach, so that the next trial is pruned after its first epoch.
+
+Shared searches: two workers started together on one study (the default SQLite file, a journal file, a PostgreSQL
+server started for the test) finish its --trials between them; a trial whose worker was killed on "another machine"
+is failed by the heartbeat, while a live worker's running trial is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
+import getpass
+import importlib.util
 import json
 import math
+import os
+import pwd
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from conftest import FAST, data_args, run_cli
+from conftest import FAST, ROOT, data_args, run_cli
 
 import main as main_module
 import tune
@@ -139,17 +154,6 @@ def test_other_flags_refused_on_resume(search, tiny_data, capsys):
     assert (study / "trials.csv").read_bytes() == before
 
 
-def test_second_search_in_the_same_folder_is_refused(search, tiny_data, capsys):
-    study, _, _ = search
-    with open(study / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit) as e:
-            tune.main([*data_args(tiny_data), *FAST, *SEARCH_FLAGS, "--study_dir", str(study)])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        f"error: --study_dir {study}: another tune.py is searching in it")
-
-
 @pytest.mark.parametrize("flags, expected", [
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--trials", "0"], "--trials must be at least 1, got 0"),
@@ -171,6 +175,12 @@ def test_second_search_in_the_same_folder_is_refused(search, tiny_data, capsys):
                                                  "must be even"),
     (["--fold", "2"], "--fold 2 is not one of the 2 fold(s) 0..1"),
     (["--min_lr", "1e-3", "--search", "aug", "--learning_rate", "1e-4"], "--min_lr 0.001 is above --learning_rate"),
+    (["--heartbeat", "0"], "--heartbeat must be at least 1 (seconds), got 0"),
+    (["--storage", "study.db"], "--storage study.db: not a storage URL; give sqlite:///PATH.db, "
+                                "postgresql://USER:PASS@HOST/DB or journal:PATH"),
+    (["--storage", "nosuchdb://u:secret@host/db"], "--storage nosuchdb://u:***@host/db: unknown database 'nosuchdb'"),
+    (["--storage", "sqlite://"], "--storage sqlite://: an in-memory database cannot be shared or resumed"),
+    (["--storage", "journal:"], "--storage journal:: give the journal file's path, as journal:PATH"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, expected):
     study = tmp_path / "study"
@@ -205,3 +215,204 @@ def test_best_yaml_base_takes_a_passed_config_file_in(tmp_path):
     opts = tune.get_args_parser().parse_args(["--study_dir", str(tmp_path), "--seed", "7"])
     fixed = tune.fixed_values({"config": base, "max_epochs": 2, "kfold": 3}, main_module.get_args_parser(), opts)
     assert fixed == {"model": "test_resnet", "max_epochs": 2, "aug": "none", "kfold": 3, "seed": 7}
+
+
+# ----------------------------------------------------------------------------------------------- shared searches
+SHARED_FLAGS = ["--kfold", "2", "--max_epochs", "1", "--pruner", "none"]
+
+
+def _start(*args, env: dict | None = None) -> subprocess.Popen:
+    """``python tune.py ARGS`` in the background (as conftest.run_cli runs it)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "tune.py"), *map(str, args)], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _trial_numbers_run(stderr: str) -> set[int]:
+    """The trials a worker trained (its log line as each starts)."""
+    return {int(n) for n in re.findall(r"INFO trial (\d+): --", stderr)}
+
+
+def _two_workers(tiny_data, study: Path, storage: list[str], trials: int):
+    common = [*data_args(tiny_data), *FAST, *SHARED_FLAGS, "--study_dir", study, "--trials", str(trials), *storage]
+    workers = [_start(*common), _start(*common)]
+    done = [_finish(w) for w in workers]
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    table = _read_trials(study)
+    complete = table.loc[table["state"] == "complete", "trial"].tolist()
+    # --trials counts the whole study: both stop at it (one extra at most, when both start a trial at once).
+    assert set(table["state"]) == {"complete"} and trials <= len(complete) <= trials + 1, table
+    runs = [_trial_numbers_run(proc.stderr) for proc in done]
+    assert all(runs) and not runs[0] & runs[1], runs  # both trained, never the same trial
+    assert runs[0] | runs[1] == set(complete)
+    assert sorted(p.name for p in study.glob("trial_*")) == sorted(f"trial_{n}" for n in complete)
+    for n in complete:
+        trial_dir = study / f"trial_{n}"
+        assert json.loads((trial_dir / "args.json").read_text())["save_dir"] == str(trial_dir)
+        assert (trial_dir / "fold_0" / "done.json").exists()
+        assert len(pd.read_csv(trial_dir / "fold_0" / "metrics.csv")) == 1
+    assert (study / "best.yaml").exists()
+    return table
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_share_one_study(tiny_data, tmp_path, kind):
+    study = tmp_path / "study"
+    _two_workers(tiny_data, study, _storage_flags(kind, tmp_path), trials=3 if kind == "sqlite" else 2)
+    assert (study / "study.db").exists() == (kind == "sqlite")
+
+
+# ----------------------------------------------------------------------------------------------- PostgreSQL
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/bin")
+    if found is None:
+        found = next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
+    return None if found is None else str(found)
+
+
+def _pg_driver() -> str | None:
+    """The SQLAlchemy driver name of an installed PostgreSQL driver."""
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return driver
+    return None
+
+
+def _pg_user() -> str | None:
+    """The user to run the server as: this one, or, as root (which PostgreSQL refuses), an unprivileged one."""
+    if os.geteuid() != 0:
+        return getpass.getuser()
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own (initdb in a temporary folder, a free port), with an empty database: its
+    SQLAlchemy URL. Skipped without the server's programs or a Python driver."""
+    binaries = {name: _pg_bin(name) for name in ("initdb", "pg_ctl", "postgres")}
+    missing = [name for name, path in binaries.items() if path is None]
+    if missing:
+        pytest.skip(f"no PostgreSQL server programs ({', '.join(missing)} not found)")
+    driver = _pg_driver()
+    if driver is None:
+        pytest.skip("no PostgreSQL driver for Python (pip install 'psycopg[binary]')")
+    user = _pg_user()
+    if user is None:
+        pytest.skip("running as root, and no unprivileged user (postgres, nobody) to run PostgreSQL as")
+    as_user = {} if os.geteuid() != 0 else {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+    # Not under pytest's tmp_path: as root that is closed to the server's user.
+    folder = Path(tempfile.mkdtemp(prefix="tune-pg-"))
+    if as_user:
+        os.chown(folder, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    port = _free_port()
+    env = {**os.environ, "LC_ALL": "C"}
+    try:
+        subprocess.run([binaries["initdb"], "-D", folder / "data", "-A", "trust", "-U", "postgres", "--no-sync",
+                        "--no-locale", "-E", "UTF8"], check=True, capture_output=True, env=env, cwd=folder, **as_user)
+        subprocess.run([binaries["pg_ctl"], "-D", folder / "data", "-l", folder / "server.log", "-w", "-t", "60",
+                        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                       check=True, capture_output=True, env=env, cwd=folder, **as_user)
+        try:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(f"postgresql+{driver}://postgres@127.0.0.1:{port}/postgres",
+                                              isolation_level="AUTOCOMMIT")
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("CREATE DATABASE tune"))
+            engine.dispose()
+            yield f"postgresql+{driver}://postgres@127.0.0.1:{port}/tune"
+        finally:
+            subprocess.run([binaries["pg_ctl"], "-D", folder / "data", "-m", "immediate", "-w", "stop"],
+                           capture_output=True, env=env, cwd=folder, **as_user)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgresql_study(tiny_data, tmp_path, postgres_url):
+    study = tmp_path / "study"
+    _two_workers(tiny_data, study, ["--storage", postgres_url], trials=2)
+    assert not (study / "study.db").exists()
+    loaded = optuna.load_study(study_name="tune", storage=postgres_url)
+    complete = sorted(t.number for t in loaded.trials if t.state.name == "COMPLETE")
+    assert complete == _read_trials(study)["trial"].tolist()
+
+
+# ----------------------------------------------------------------------------------------------- stopped workers
+def _storage_flags(kind: str, tmp_path: Path) -> list[str]:
+    return ["--storage", f"journal:{tmp_path / 'tune.journal'}"] if kind == "journal" else []
+
+
+def _open_storage(kind: str, tmp_path: Path):
+    """The storage of the study that ``_storage_flags`` names, for the test to reach into."""
+    if kind == "journal":
+        backend = optuna.storages.journal.JournalFileBackend(str(tmp_path / "tune.journal"))
+        return optuna.storages.JournalStorage(backend)
+    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_heartbeat_fails_a_killed_workers_trial_and_spares_a_live_one(tiny_data, tmp_path, kind):
+    study = tmp_path / "study"
+    common = [*data_args(tiny_data), *FAST, *SHARED_FLAGS, "--study_dir", study, "--heartbeat", "1",
+              *_storage_flags(kind, tmp_path)]
+    killed = run_cli("tune.py", *common, "--trials", "2", check=False, env={"SKETCH_FAULT": "train_step:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    killed_at = time.monotonic()
+    storage = _open_storage(kind, tmp_path)
+    study_id = storage.get_study_id_from_name("tune")
+    # As if the killed worker ran on another machine: only its missing heartbeat can tell that it stopped.
+    storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, 0), tune.WORKER_ATTR,
+                                {"host": "elsewhere", "machine": "elsewhere", "pid": 1})
+    # A live worker's running trial (this process's, which records no heartbeat): a start must leave it alone.
+    live = optuna.load_study(study_name="tune", storage=storage).ask()
+    live.set_user_attr(tune.WORKER_ATTR, {"host": socket.gethostname(), "machine": tune.worker_machine(),
+                                          "pid": os.getpid()})
+    time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # past twice the heartbeat interval
+    resumed = run_cli("tune.py", *common, "--trials", "2")
+    assert "trial 0 sent no heartbeat for more than 2 s (its worker stopped): marked failed" in resumed.stderr
+    assert "cut short" not in resumed.stderr
+    # The live trial counts towards --trials while it runs: one new trial makes two.
+    assert _read_trials(study)["state"].tolist() == ["fail", "running", "complete"]
+    assert "(3 trials: 1 complete, 0 pruned, 1 failed, 1 running)" in resumed.stdout
+    assert (study / "trial_0" / "args.json").exists(), "the killed trial's folder is kept"
+    assert storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, live.number)).state.name == \
+        "RUNNING"
+
+
+def test_a_storage_that_cannot_open_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'x.db'}"
+    with pytest.raises(SystemExit) as e:
+        tune.main([*data_args(tiny_data), *FAST, *SHARED_FLAGS, "--study_dir", str(tmp_path / "study"),
+                   "--storage", url])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: --storage {url}: cannot open the study (OperationalError: (sqlite3.OperationalError) "
+                        "unable to open database file)"), err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("MySQLdb") is not None, reason="a MySQL driver is installed")
+def test_a_storage_without_its_driver_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--study_dir", str(tmp_path / "study"), "--storage", "mysql://tune:secret@db.example/tune"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "secret" not in err, err
+    assert "error: --storage mysql://tune:***@db.example/tune: its Python driver is not installed (No module named " \
+           "'MySQLdb')" in err
+    assert not (tmp_path / "study").exists()
