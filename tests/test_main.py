@@ -290,6 +290,7 @@ def test_no_arguments_use_the_bundled_data():
     assert args.train_csv == ROOT / "data" / "tuberlin10" / "train.csv"
     assert args.test_dir == ROOT / "data" / "tuberlin10" / "test"
     assert args.kfold == 5 and args.save_dir.parent.name == "runs"
+    assert args.save_dir.name.endswith("-tf_efficientnet_lite0")  # the demo recipe (test_cli.py)
     assert (ROOT / "data" / "tuberlin10" / "README.md").read_text().count("Creative Commons") == 1
 
 
