@@ -122,7 +122,8 @@ def test_data_dir_refuses_a_missing_file_in_one_line(tiny_data, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
-BUNDLED_LINE = ": no --data_dir or --train_dir given: training on the bundled demo set data/tuberlin10 (TU-Berlin, CC BY 4.0)"
+BUNDLED_LINE = (": no --data_dir or --train_dir given: training on the bundled demo set data/tuberlin10 (TU-Berlin, "
+                "CC BY 4.0)")
 
 
 def test_bundled_data_warning_once(tiny_data, tmp_path, capsys, monkeypatch):

