@@ -4,13 +4,16 @@
     streamlit run demo_app.py -- --run_dir runs/convnext        # that run (the sidebar can switch to another)
     streamlit run demo_app.py -- --run_dir runs/x --fold 0      # one fold's model alone
     python demo_app.py --run_dir runs/x --image sketch.png      # the same prediction printed, without a browser
+    streamlit run demo_app.py -- --engine onnxruntime           # served by onnxruntime (the sidebar can switch)
 
 The page predicts exactly as ``inference.py`` does: the checkpoints every finished fold predicted with (its
 best.pth, last.pth for a fold that never improved, or its snapshots with ``--snapshots``), the image decoded by
 ``dataset.load_image`` (any mode to RGB on white, EXIF orientation, JPEG draft at the working size), the evaluation
 transform with the checkpoint's size and normalisation, the run's precision and test-time augmentation, and the
 softmax averaged over each fold's checkpoints, then over the folds. Drawing needs the ``streamlit-drawable-canvas``
-package (black strokes on white); without it the page offers the upload alone.
+package (black strokes on white); without it the page offers the upload alone. ``--engine onnxruntime`` (or the
+sidebar's engine) runs the models as ``inference.py --engine onnxruntime`` does: each checkpoint exported to ONNX in
+memory when the run is loaded, then onnxruntime in fp32, within 1e-4 of PyTorch's fp32 probabilities.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pandas as pd
 import runfiles
 from cli import ArgumentParser
 from errors import DataError
-from names import AMP_MODES, TTA_MODES
+from names import AMP_MODES, ENGINES, TTA_MODES
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +46,8 @@ CANVAS_SIZE = 320  # pixels; the checkpoint's transform shrinks it to the workin
 
 @dataclass
 class Member:
-    """One checkpoint's model, ready to predict: its file, transform, working size (H, W), precision, the white
-    paper of its normalisation (for TTA) and its weight in the run's mean."""
+    """One checkpoint's model (a torch module, or an inference.OnnxModel), ready to predict: its file, transform,
+    working size (H, W), precision, the white paper of its normalisation (for TTA) and its weight in the run's mean."""
 
     path: Path
     model: torch.nn.Module
@@ -66,6 +69,7 @@ class DemoRun:
     channels_last: bool
     model_name: str
     tta: str = "none"
+    engine: str = "torch"
 
 
 def newest_run(root: Path = RUNS) -> Path | None:
@@ -85,19 +89,21 @@ def checkpoint_groups(run_dir: Path, fold: int | None = None) -> list[list[Path]
     return run_checkpoints(Path(run_dir), fold)
 
 
-def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto", amp: str | None = None) -> DemoRun:
+def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto", amp: str | None = None,
+             engine: str = "torch") -> DemoRun:
     """Rebuild the models of ``run_dir`` (every finished fold, or ``fold``) from their checkpoints.
 
-    ``amp``: the precision (auto, bf16, fp16, none); by default the run's, as inference.py uses.
+    ``amp``: the precision (auto, bf16, fp16, none); by default the run's, as inference.py uses. ``engine``: torch,
+    or onnxruntime (fp32, as ``inference.py --engine onnxruntime``; ExportError if a model cannot be exported).
     Raises DataError (one line naming the file) for a missing run or a checkpoint this suite did not write.
     """
-    import torch
-
     from augmentation import create_transform
-    from checkpoints import load_model
-    from engine import paper_fill, resolve_amp, resolve_device
+    from engine import paper_fill, resolve_device
+    from inference import load_predictor
 
     run_dir = Path(run_dir)
+    if engine == "onnxruntime" and amp in ("bf16", "fp16"):
+        raise DataError(f"--amp {amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch")
     groups = checkpoint_groups(run_dir, fold)
     run_args = runfiles.read_args(run_dir, required=None if amp else {"amp": str})
     tta = run_args.get("tta", "none")
@@ -106,24 +112,24 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
                         f"{', '.join(TTA_MODES)})")
     torch_device = resolve_device(device)
     channels_last = run_args.get("channels_last", True)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     members, class_names, model_name = [], None, ""
     for group in groups:
         for path in group:
-            model, ckpt = load_model(path)
+            # The input device and layout are the engine's: onnxruntime takes contiguous CPU batches.
+            model, ckpt, on, amp_dtype, layout = load_predictor(path, engine, torch_device, amp or run_args["amp"],
+                                                                channels_last)
             names = [str(n) for n in ckpt["class_names"]]
             if class_names is not None and names != class_names:
                 raise DataError(f"{path}: its classes differ from those of {groups[0][0]}")
             class_names, model_name = names, ckpt["model_name"]
-            model.to(torch_device, memory_format=memory_format).eval()
+            model.eval()
             img_size = (int(ckpt["img_size"][0]), int(ckpt["img_size"][1]))
             transform = create_transform(img_size, False, **ckpt["data_config"])
-            amp_dtype = resolve_amp(amp or run_args["amp"], torch_device, model)
             # Each fold counts once, whatever the number of its checkpoints (snapshots), as in inference.py.
             members.append(Member(path, model, transform, img_size, amp_dtype, paper_fill(ckpt["data_config"]),
                                   1 / (len(groups) * len(group))))
             _logger.info("%s: %s, %d classes, %dx%d", path, ckpt["model_name"], len(names), *img_size)
-    return DemoRun(run_dir, class_names, members, torch_device, channels_last, model_name, tta)
+    return DemoRun(run_dir, class_names, members, on, layout, model_name, tta, engine)
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None, name: str = "image") -> np.ndarray:
@@ -185,9 +191,10 @@ def _signature(run_dir: Path, fold: int | None) -> tuple:
         return ()
 
 
-def _cached_load_run(run_dir: str, fold: int | None, device: str, amp: str | None, signature: tuple) -> DemoRun:
+def _cached_load_run(run_dir: str, fold: int | None, device: str, amp: str | None, signature: tuple,
+                     engine: str = "torch") -> DemoRun:
     """load_run, cached by the page (st.cache_resource) on its arguments and the checkpoints' signature."""
-    return load_run(run_dir, fold, device, amp)
+    return load_run(run_dir, fold, device, amp, engine)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -199,6 +206,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--amp", default=None, choices=AMP_MODES,
                         help="precision (default: the run's)")
+    parser.add_argument("--engine", default="torch", choices=ENGINES,
+                        help="what runs the models: torch, or onnxruntime on each checkpoint exported to ONNX when the "
+                             "run is loaded (fp32; within 1e-4 of torch's with --amp none) (default: torch)")
     parser.add_argument("--image", type=Path, default=None,
                         help="without the page: print the top classes for this image file and exit")
     parser.add_argument("--top_k", type=int, default=TOP_K, help=f"classes shown (default: {TOP_K})")
@@ -211,6 +221,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         parser.error(f"--top_k {args.top_k}: must be at least 1")
     if args.fold is not None and args.fold < 0:
         parser.error(f"--fold {args.fold}: must not be negative")
+    if args.engine == "onnxruntime" and args.amp in ("bf16", "fp16"):
+        parser.error(f"--amp {args.amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch")
     return args
 
 
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: print the top classes for ``--image`` (the page's prediction, without a browser)."""
     parser = get_args_parser()
     args = _parse(parser, argv)
+    from export import ExportError
     from model import ModelError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -232,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         parser.error(f"--image {args.image}: {e.strerror}")
     try:
-        run = load_run(run_dir, args.fold, args.device, args.amp)
+        run = load_run(run_dir, args.fold, args.device, args.amp, args.engine)
         table = predict_top_k(run, data, args.top_k, name=str(args.image))
     except (DataError, ModelError) as e:
         parser.error(str(e))
+    except ExportError as e:  # a model the exporter or onnxruntime cannot handle: no bad input, exit 1
+        sys.exit(f"{parser.prog}: error: {' '.join(str(e).split())[:400]}")
     print(f"{args.image}: {len(run.members)} model(s) from {run_dir}")
     print(table.to_string(index=False, float_format=lambda p: f"{p:.6f}"))
     return 0
@@ -244,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sidebar(st, args: argparse.Namespace) -> DemoRun:
     """The sidebar: the run folder and its folds to predict with; the models loaded (cached), or the page stopped
     with the one-line reason."""
+    from export import ExportError
     from model import ModelError
 
     default_run = args.run_dir or newest_run()
@@ -267,15 +283,17 @@ def _sidebar(st, args: argparse.Namespace) -> DemoRun:
     choice = st.selectbox("Prediction", choices, index=choices.index(default_choice),
                           help="average the softmax of every finished fold, as the run's test prediction does")
     fold = None if choice == choices[0] else folds[choices.index(choice) - 1]
+    engine = st.selectbox("Engine", ENGINES, index=ENGINES.index(args.engine),
+                          help="onnxruntime: each checkpoint exported to ONNX when loaded, often faster on a CPU")
     load = st.cache_resource(show_spinner="Loading the run's models...")(_cached_load_run)
     try:
-        run = load(str(run_dir), fold, args.device, args.amp, _signature(run_dir, fold))
-    except (DataError, ModelError) as e:
+        run = load(str(run_dir), fold, args.device, args.amp, _signature(run_dir, fold), engine)
+    except (DataError, ModelError, ExportError) as e:
         st.error(str(e))
         st.stop()
     h, w = run.members[0].img_size
-    st.caption(f"{run.model_name}, {len(run.class_names)} classes, {h}x{w} px, "
-               f"{len(run.members)} model(s) on {run.device}")
+    where = run.device if run.engine == "torch" else f"onnxruntime's {run.members[0].model.session.get_providers()[0]}"
+    st.caption(f"{run.model_name}, {len(run.class_names)} classes, {h}x{w} px, {len(run.members)} model(s) on {where}")
     return run
 
 

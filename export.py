@@ -268,6 +268,45 @@ def staged(proto, path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def runtime_session(checkpoint: Path, cuda_device: int | None = None, threads: int = 0):
+    """The checkpoint exported now as the default export is (fp32, dynamic batch, opset 18, dynamo) and opened by
+    onnxruntime, with nothing published: the graph stays in memory (over 2 GiB of weights, in a temporary folder
+    while the session loads). CUDA's provider on GPU ``cuda_device`` when given and onnxruntime has it, else the
+    CPU's on ``threads`` threads (0: onnxruntime's choice). Returns (session, raw checkpoint); ExportError if it
+    does not export or open, DataError if onnxruntime is not installed or the checkpoint is not this suite's."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DataError("--engine onnxruntime: the onnxruntime package is not installed (pip install onnxruntime)"
+                        ) from None
+    for name in ("onnxscript", "onnx_ir"):  # the graph optimizer logs every pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    info, ckpt = load_for_export(checkpoint)
+    proto = export_model(info.model, info.img_size)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if cuda_device is not None and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": cuda_device}))
+    elif cuda_device is not None:
+        _logger.warning("onnxruntime %s has no CUDA provider here: predicting on the CPU", ort.__version__)
+    embedded = sum(t.ByteSize() for t in proto.graph.initializer) <= EMBED_LIMIT
+    with tempfile.TemporaryDirectory(prefix="onnx_session_") as tmp:
+        model = proto.SerializeToString() if embedded else str(Path(tmp) / "model.onnx")
+        if not embedded:
+            import onnx
+
+            onnx.save_model(proto, model, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as e:  # onnxruntime's own error types (an opset it does not know, a missing kernel...)
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise ExportError(f"onnxruntime {ort.__version__} cannot run the export of {checkpoint} "
+                              f"({type(e).__name__}: {lines[0][:200] if lines else 'no message'})") from None
+    return session, ckpt
+
+
 # ----------------------------------------------------------------------------------------------- check
 def load_check_batch(info: Exported, image_paths: list[str], count: int) -> torch.Tensor:
     """The first ``count`` images preprocessed with the evaluation transform, as one (N, 3, H, W) float32 batch."""

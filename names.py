@@ -19,9 +19,10 @@ SCHEDULERS = ("cosine", "linear", "step", "constant")
 MONITORS = ("val_acc", "val_f1", "val_loss")
 TTA_MODES = ("none", "flip", "scales", "flip_scales")
 
-# Modes: model.set_head's classifiers, engine.resolve_amp's precisions, dataset.ImageCache's places and the
-# frozen-backbone feature cache's settings (features.cache_on).
+# Modes: model.set_head's classifiers, engine.resolve_amp's precisions, dataset.ImageCache's places, the
+# frozen-backbone feature cache's settings (features.cache_on) and what runs a prediction (inference.load_predictor).
 HEADS = ("linear", "mlp")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 CACHE_MODES = ("none", "ram", "disk")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+ENGINES = ("torch", "onnxruntime")

@@ -5,6 +5,7 @@
     python bench/speed.py --size 224 --images 256 --upscale 500                 # decode cost of large JPEGs
     python bench/speed.py --model convnext_tiny --size 384 --batch_size 16 --device cuda
     python bench/speed.py --amp bf16                                            # the precision auto did not pick
+    python bench/speed.py --repeat 5                                            # ratios on a noisy machine
 
 In one process, on the same images (``shared/datasets/tuberlin40`` beside the repository) and the same model with
 random weights, it measures images per second for three loops:
@@ -27,6 +28,15 @@ longest side into a temporary folder, since competition images are larger and th
 is the process's maximum resident set so far (``getrusage``; it only grows, so a row includes the loops measured
 before it: train ceiling, train suite, inference ceiling, inference suite, train reference, inference reference),
 and on a GPU the CUDA allocator's peak of each loop.
+
+``--repeat N`` runs all six loops N times interleaved (round 1: every loop in the order above, then round 2...)
+rather than each loop N times in a row, so that a slow drift of the machine hits every loop alike. The table then
+shows each loop's medians over the rounds, the min..max of its steady throughput and its largest memory peaks; a
+ratio is the median of the N ratios of the rounds themselves (in which a drift between rounds cancels out), with
+their min..max in brackets.
+
+A line names the CPU, which of AVX2, AVX512, AVX512-BF16 and AMX (AMX-BF16) its ``/proc/cpuinfo`` flags show, torch's
+CPU capability, and the precision ``--amp auto`` picks for the model on the device (``engine.resolve_amp``).
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -375,25 +387,127 @@ def infer_reference(
 
 
 # ----------------------------------------------------------------------------------------------- report
+@dataclass
+class Spread:
+    """The median of some rounds' figures and their range."""
+
+    median: float
+    low: float
+    high: float
+
+
+def spread(values: list[float]) -> Spread:
+    """Median, min and max of ``values``."""
+    return Spread(statistics.median(values), min(values), max(values))
+
+
+def round_ratios(numerators: list[float], denominators: list[float]) -> Spread:
+    """The ratio of two loops from the rounds' own ratios (round i's numerator over round i's denominator): drifts
+    of the machine between rounds cancel out in each, which a ratio of the two medians would not do."""
+    return spread([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def print_table(phase: str, results: dict[str, Result]) -> None:
-    """One row per loop: epoch 1, epochs 2..N, memory peaks."""
+def _range(s: Spread, digits: int = 1, unit: str = "") -> str:
+    return f"{s.low:.{digits}f}..{s.high:.{digits}f}{unit}"
+
+
+def print_table(phase: str, rounds: list[dict[str, Result]]) -> None:
+    """One row per loop: epoch 1, epochs 2..N (medians over the rounds), and with several rounds the min..max of
+    the steady throughput; memory peaks (the largest of the rounds)."""
     for name in LOOPS:
-        r = results[name]
-        cuda = "" if r.cuda_mb is None else f" {r.cuda_mb:>9.0f}"
-        print(f"{phase:<9} {name:<9} {_rate(r.first):>9} {_rate(r.later):>11} {r.rss_mb:>9.0f}{cuda}")
+        results = [r[name] for r in rounds]
+        first = statistics.median(r.first for r in results)
+        later = None if results[0].later is None else statistics.median(r.later for r in results)
+        rss = max(r.rss_mb for r in results)
+        steady = "" if len(rounds) == 1 else f" {_range(spread([r.steady for r in results])):>13}"
+        cuda = "" if results[0].cuda_mb is None else f" {max(r.cuda_mb for r in results):>9.0f}"
+        print(f"{phase:<9} {name:<9} {_rate(first):>9} {_rate(later):>11}{steady} {rss:>9.0f}{cuda}")
 
 
-def print_summary(phase: str, results: dict[str, Result]) -> None:
-    """The steady throughput of the three loops and the ratios, on one line."""
-    ceiling, suite, reference = (results[name].steady for name in LOOPS)
-    print(
-        f"{phase:<9} ceiling {ceiling:.1f} img/s   suite {suite:.1f} img/s   reference {reference:.1f} img/s   "
-        f"suite/ceiling {suite / ceiling:.2f}   suite/reference {suite / reference:.1f}x"
+def print_summary(phase: str, rounds: list[dict[str, Result]]) -> None:
+    """The steady throughput of the three loops and the ratios, on one line (medians over the rounds, and with
+    several rounds their min..max in brackets; the ratios from the rounds' own ratios)."""
+    steady = {name: [r[name].steady for r in rounds] for name in LOOPS}
+    of_ceiling = round_ratios(steady["suite"], steady["ceiling"])
+    of_reference = round_ratios(steady["suite"], steady["reference"])
+    if len(rounds) == 1:
+        ceiling, suite, reference = (steady[name][0] for name in LOOPS)
+        print(
+            f"{phase:<9} ceiling {ceiling:.1f} img/s   suite {suite:.1f} img/s   reference {reference:.1f} img/s   "
+            f"suite/ceiling {of_ceiling.median:.2f}   suite/reference {of_reference.median:.1f}x"
+        )
+        return
+    loops = "   ".join(
+        f"{name} {s.median:.1f} img/s ({_range(s)})" for name, s in ((n, spread(steady[n])) for n in LOOPS)
     )
+    print(
+        f"{phase:<9} {loops}   suite/ceiling {of_ceiling.median:.2f} ({_range(of_ceiling, 2)})   "
+        f"suite/reference {of_reference.median:.1f}x ({_range(of_reference, 1, 'x')})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- cpu
+# What /proc/cpuinfo's flags name, as shown: AMX is AMX-BF16, the unit engine.cpu_bf16_is_fast looks for.
+CPU_FEATURES = (("AVX2", "avx2"), ("AVX512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
+
+
+def read_cpuinfo(text: str) -> dict[str, str]:
+    """The fields of the first processor's entry of /proc/cpuinfo's ``text`` (every processor's, on one machine)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip() and fields:
+            break
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_features(fields: dict[str, str]) -> str:
+    """``AVX2 AVX512 AVX512-BF16, no AMX``: the features of :data:`CPU_FEATURES` found in the flags, then those
+    not found."""
+    flags = set(fields.get("flags", "").split())
+    found = " ".join(name for name, flag in CPU_FEATURES if flag in flags)
+    missing = " ".join(name for name, flag in CPU_FEATURES if flag not in flags)
+    return ", ".join(part for part in (found, missing and f"no {missing}") if part)
+
+
+def describe_cpu(cpuinfo: str | None, cores: int, capability: str | None) -> str:
+    """``cpu: MODEL (N usable cores); features: ...; torch capability ...`` (``cpuinfo``: /proc/cpuinfo's text, None
+    where there is none; ``capability``: ``torch.backends.cpu.get_cpu_capability()``, None where torch lacks it)."""
+    fields = read_cpuinfo(cpuinfo or "")
+    name = fields.get("model name") or fields.get("vendor_id") or platform.processor() or "unknown CPU"
+    features = cpu_features(fields) if cpuinfo is not None else "unknown (no /proc/cpuinfo)"
+    return (f"cpu: {name} ({cores} usable core{'s' if cores != 1 else ''}); features: {features}; "
+            f"torch capability {capability or 'unknown'}")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` (None) for an autocast dtype, as ``--amp`` names them."""
+    return "fp32" if dtype is None else {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), str(dtype))
+
+
+def cpu_line(args, opts, device: torch.device, num_classes: int) -> str:
+    """:func:`describe_cpu` for this machine, and the precision ``--amp auto`` picks for the model on ``device``
+    (``engine.resolve_amp``, as ``train.build_training`` asks it)."""
+    import torch
+
+    from engine import resolve_amp
+    from model import create_model
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    get_capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    auto = precision_name(resolve_amp("auto", device, create_model(args.model, num_classes)))
+    where = "" if device.type == "cpu" else f" on {device}"
+    picked = f"--amp auto picked{where}: {auto}" if opts.amp == "auto" else f"--amp auto would pick{where}: {auto}"
+    return f"{describe_cpu(cpuinfo, cores, get_capability() if get_capability else None)}; {picked}"
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -409,6 +523,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--epochs", type=int, default=2, help="passes per loop; epoch 1 is reported apart from epochs 2..N (default: 2)"
     )
     parser.add_argument("--images", type=int, default=512, help="training images used (default: 512)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of all six loops, interleaved (ceiling, suite, reference, then again) so that drifts of the "
+        "machine hit every loop alike; reports medians with min..max, and ratios as the median of the rounds' own "
+        "ratios (default: 1)",
+    )
     parser.add_argument(
         "--num_workers",
         type=int,
@@ -438,8 +560,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     opts = parser.parse_args(argv)
-    if opts.epochs < 1 or opts.images < 1 or opts.size < 1 or opts.batch_size < 1:
-        parser.error("--epochs, --images, --size and --batch_size must be at least 1")
+    if min(opts.epochs, opts.images, opts.size, opts.batch_size, opts.repeat) < 1:
+        parser.error("--epochs, --images, --size, --batch_size and --repeat must be at least 1")
     if opts.images < opts.batch_size:
         parser.error(f"--images {opts.images} is fewer than one --batch_size {opts.batch_size}")
     if opts.upscale is not None and opts.upscale < 1:
@@ -507,20 +629,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _progress(loop: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} measuring {loop}", file=sys.stderr, flush=True)
+def _progress(loop: str, label: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} measuring {loop}{label}", file=sys.stderr, flush=True)
 
 
-def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int) -> None:
-    """Measure the six loops and print the tables."""
+def print_header(args, opts, device: torch.device, paths: list[str], num_classes: int) -> None:
+    """The settings, the machine, and the CPU's features beside the precision ``--amp auto`` picks."""
     import torch
 
     with Image.open(paths[0]) as im:
         source = f"{im.width}x{im.height} px JPEGs" + (", upscaled copies" if opts.upscale else "")
-    epochs = opts.epochs
+    rounds = f", {opts.repeat} interleaved rounds" if opts.repeat > 1 else ""
     print(
         f"model {args.model} (random weights), {args.resize_height}x{args.resize_width} px, batch {args.batch_size}"
-        f" (inference {args.eval_batch_size}), {len(paths)} images ({source}), {epochs} epoch(s), "
+        f" (inference {args.eval_batch_size}), {len(paths)} images ({source}), {opts.epochs} epoch(s){rounds}, "
         f"{args.num_workers} loader worker(s), suite cache {args.cache}",
         flush=True,
     )
@@ -531,38 +653,59 @@ def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray,
         f"torch {torch.__version__}",
         flush=True,
     )
+    print(cpu_line(args, opts, device, num_classes), flush=True)
 
+
+def measure_round(args, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int, epochs: int,
+                  label: str = "", first: bool = True) -> dict[str, dict[str, Result]]:
+    """The six loops once, in the order train ceiling, train suite, inference ceiling, inference suite, train
+    reference, inference reference; ``first`` also prints the suite's settings."""
     train, infer = {}, {}
-    _progress("train ceiling")
+    _progress("train ceiling", label)
     train["ceiling"] = train_ceiling(args, num_classes, paths, device, epochs)
-    _progress("train suite")
+    _progress("train suite", label)
     train["suite"], t = train_suite(args, num_classes, paths, targets, device, epochs)
-    precision = "fp32" if t.amp_dtype is None else str(t.amp_dtype).split(".")[-1]
-    print(
-        f"suite precision {precision}{', channels_last' if args.channels_last else ''}, optimizer "
-        f"{args.optimizer}, loss {args.loss}, augmentation {args.aug}; reference fp32, NCHW, torch AdamW, "
-        "cross entropy",
-        flush=True,
-    )
-    _progress("inference ceiling")
+    if first:
+        print(
+            f"suite precision {precision_name(t.amp_dtype)}{', channels_last' if args.channels_last else ''}, "
+            f"optimizer {args.optimizer}, loss {args.loss}, augmentation {args.aug}; reference fp32, NCHW, torch "
+            "AdamW, cross entropy",
+            flush=True,
+        )
+    _progress("inference ceiling", label)
     infer["ceiling"] = infer_ceiling(args, t, paths, device, epochs)
-    _progress("inference suite")
+    _progress("inference suite", label)
     infer["suite"] = infer_suite(args, t, paths, device, epochs)
     del t
-    _progress("train reference")
+    _progress("train reference", label)
     train["reference"], model = train_reference(args, num_classes, paths, targets, device, epochs)
-    _progress("inference reference")
+    _progress("inference reference", label)
     infer["reference"] = infer_reference(args, model, paths, targets, device, epochs)
+    return {"train": train, "inference": infer}
 
+
+def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int) -> None:
+    """Measure the six loops ``--repeat`` times, interleaved (each round runs all of them), and print the tables."""
+    print_header(args, opts, device, paths, num_classes)
+    epochs, count = opts.epochs, opts.repeat
+    rounds = []
+    for i in range(count):
+        label = f" (round {i + 1}/{count})" if count > 1 else ""
+        rounds.append(measure_round(args, device, paths, targets, num_classes, epochs, label, first=i == 0))
     cuda = device.type == "cuda"
+    spread_head = ("", "") if count == 1 else (f" {'min..max':>13}", f" {'img/s':>13}")
     print()
-    print(f"{'':<9} {'loop':<9} {'epoch 1':>9} {'epochs 2..N':>11} {'peak RSS':>9}{' CUDA peak' if cuda else ''}")
-    print(f"{'':<9} {'':<9} {'img/s':>9} {'img/s':>11} {'MiB':>9}{'       MiB' if cuda else ''}")
-    print_table("train", train)
-    print_table("inference", infer)
+    print(f"{'':<9} {'loop':<9} {'epoch 1':>9} {'epochs 2..N':>11}{spread_head[0]} {'peak RSS':>9}"
+          f"{' CUDA peak' if cuda else ''}")
+    print(f"{'':<9} {'':<9} {'img/s':>9} {'img/s':>11}{spread_head[1]} {'MiB':>9}{'       MiB' if cuda else ''}")
+    for phase in ("train", "inference"):
+        print_table(phase, [r[phase] for r in rounds])
     print()
-    print_summary("train", train)
-    print_summary("inference", infer)
+    for phase in ("train", "inference"):
+        print_summary(phase, [r[phase] for r in rounds])
+    if count > 1:
+        print(f"(medians of {count} interleaved rounds; min..max over the rounds in brackets, and in the table's "
+              "min..max column for the throughput the ratios use; a ratio is the median of the rounds' own ratios)")
     print("(ratios from epochs 2..N" if epochs > 1 else "(ratios from epoch 1", end="")
     print(
         "; peak RSS: the process's maximum so far, loops measured in the order train ceiling, train suite, "

