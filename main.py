@@ -55,7 +55,7 @@ PATH_FLAGS = ("data_dir", "train_dir", "train_csv", "test_dir", "test_csv", "pre
 # Flags that may change when a run is resumed: they do not change its result.
 RESUMABLE_OVERRIDES = {"num_workers", "device", "log_dir", "output_dir", "fold", "save_dir", "resume_training",
                        "test_solution", "skip_image_check", "sample_submission", "cache", "cache_dir", "cache_gb",
-                       "eval_batch_size", "compile", "accept_changed_data"}
+                       "eval_batch_size", "compile", "accept_changed_data", "threads"}
 
 
 # What --data_dir DIR finds there, the competition's layout: {flag: (name in DIR, is a folder)}.
@@ -260,6 +260,10 @@ def _runtime_args(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--sync_bn", action="store_true",
                          help="under torchrun with several CUDA processes: BatchNorm statistics over the global batch "
                               "(SyncBatchNorm); no effect in one process (default: off)")
+    runtime.add_argument("--threads", type=int, default=0,
+                         help="intra-op threads of this process, fixed; 0 = the thread budget: the usable cores "
+                              "(affinity, cgroup quota, OMP_NUM_THREADS) divided among the suite's processes running "
+                              "on this machine, re-checked each epoch (see threads.py) (default: 0)")
     runtime.add_argument("--deterministic", action="store_true",
                          help="deterministic kernels: a CPU run repeats bit for bit (default: off)")
 
@@ -445,7 +449,7 @@ def _check_args(parser, args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("learning_rate", "weight_decay", "min_lr", "mixup", "cutmix", "drop_rate", "warmup_epochs",
-                 "num_workers", "drop_path", "clip_grad", "focal_gamma", "cache_gb"):
+                 "num_workers", "threads", "drop_path", "clip_grad", "focal_gamma", "cache_gb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative, got {getattr(args, flag)}")
     for flag in limits.BOUNDS:
@@ -609,6 +613,16 @@ def _read_data(args: argparse.Namespace, main_process: bool):
     return table, test, pseudo, truth
 
 
+def _take_budget(args: argparse.Namespace) -> None:
+    """Count this process among the suite's on this machine and take its share of the cores (threads.py)."""
+    import threads
+
+    threads.register()
+    budget = threads.budget(args.threads or None, args.num_workers, fixed=args.deterministic)
+    threads.apply(budget)
+    logging.info("thread budget: %s", budget.describe())
+
+
 def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     """Check everything, save the arguments of a new run, train, and copy the submission to --output_dir. The
     summary (None on processes other than rank 0) and the test solution's targets."""
@@ -638,6 +652,7 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
             _probe_writable(flag, getattr(args, flag))
     engine.barrier()  # every process passed its checks before rank 0 writes anything
     _setup_logging(args.save_dir if main_process else None)
+    _take_budget(args)
     if args.resume_training and world != args.world_size:
         logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
                         "result will not repeat the uninterrupted run exactly", args.world_size, world)

@@ -43,6 +43,7 @@ import limits
 import plots
 import predictions
 import runfiles
+import threads
 from augmentation import create_transform, denormalize
 from checkpoints import (
     link_or_copy,
@@ -544,6 +545,8 @@ def run_epochs(fr: FoldRun, on_epoch=None) -> None:
         for epoch in range(fr.start_epoch, args.max_epochs):
             if early.should_stop:
                 break
+            # Another run started or ended on this machine: take this process's new share of the cores.
+            threads.rebalance(getattr(args, "threads", 0), args.deterministic)
             row, improved = train_epoch(fr, epoch)
             if fr.main_process:
                 save_epoch(fr, row, improved, writer)

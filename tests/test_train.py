@@ -269,6 +269,7 @@ CHECKED_ELSEWHERE = {
     "config",  # test_config.py
     "feature_views", "feature_cache",  # test_features.py, end to end
     "data_dir", "img_size",  # test_cli.py: test_data_dir_fills_the_data_flags, test_img_size_sets_both_sides
+    "threads",  # test_threads.py
     "sync_bn",  # test_sync_bn_converts_batchnorm_under_ddp, test_sync_bn_refused_on_cpu_processes below
 }
 
