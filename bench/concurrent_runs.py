@@ -1,8 +1,8 @@
 """Runs side by side: one training run alone against 2 and 4 identical runs started together, total throughput.
 
-    python bench/concurrent.py                          # resnet18, 64 px, fold 0 of 5, 1 epoch; 1, 2 and 4 runs
-    python bench/concurrent.py --budget off             # every run takes every core (--threads N), as before
-    python bench/concurrent.py --runs 1 2 --epochs 2 --data path/to/set
+    python bench/concurrent_runs.py                          # resnet18, 64 px, fold 0 of 5, 1 epoch; 1, 2 and 4 runs
+    python bench/concurrent_runs.py --budget off             # every run takes every core (--threads N), as before
+    python bench/concurrent_runs.py --runs 1 2 --epochs 2 --data path/to/set
 
 Each run is ``python main.py`` on ``--data`` (competition layout; by default ``shared/datasets/tuberlin40`` beside the
 repository, else the bundled set) training fold 0 of ``--kfold`` for ``--epochs`` with the same flags, into a
