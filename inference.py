@@ -11,8 +11,12 @@ order; beside it a probability file ``ID,image_path,prob_0..prob_{C-1}`` for sof
 ``--engine onnxruntime`` exports each checkpoint to ONNX as ``export.py`` does by default (fp32, dynamic batch,
 opset 18), in memory and for this call alone (nothing is written, no export is reused), and runs it with
 onnxruntime (CUDA's provider on a CUDA ``--device`` where onnxruntime has it, else the CPU's with torch's thread
-count) on the very batches and test-time views PyTorch gets. It computes in fp32 whatever the run's ``--amp``; against
-PyTorch in fp32 (``--amp none``) the probabilities agree within 1e-4 and so does the submission, but for a near tie.
+count) on the very batches and test-time views PyTorch gets. It computes in fp32 whatever the run's ``--amp``. Against
+PyTorch in fp32 (``--amp none``) the probabilities agree within 1e-3 and the submission but for near ties (measured:
+3e-8 on the tests' small ResNet; 5.5e-4 on EfficientNet-Lite0 at 128 px, whose batch norms scale some channels by
+up to 200 and fp32 rounding with them, every argmax equal). The export costs seconds per checkpoint (7.5 s for
+EfficientNet-Lite0 on 2 CPU cores), which the faster prediction wins back after about 1,700 images there:
+onnxruntime predicted 4.8x faster than eager PyTorch (841 against 175 images/s at batch 64; 6.8x at batch 1).
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="test-time augmentation (default: the run's --tta)")
     parser.add_argument("--engine", default="torch", choices=ENGINES,
                         help="what runs the models: torch, or onnxruntime on each checkpoint exported to ONNX for "
-                             "this call (fp32; probabilities within 1e-4 of torch's with --amp none) (default: torch)")
+                             "this call (fp32; probabilities within 1e-3 of torch's with --amp none) (default: torch)")
     return parser
 
 
