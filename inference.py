@@ -172,6 +172,16 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     return run_args, groups, output, probs_path
 
 
+def _take_budget(workers: int) -> None:
+    """This process's share of the cores beside the suite's other processes on the machine (threads.py)."""
+    import threads
+
+    threads.register()
+    budget = threads.budget(workers=workers)
+    threads.apply(budget)
+    _logger.info("thread budget: %s", budget.describe())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -195,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             # A wrong solution file fails now, not after predicting.
             truth = None if args.test_solution is None else predictions.read_solution(args.test_solution,
                                                                                       test.rel_paths)
-            probs = predict_checkpoints(groups, test, args.batch_size,
-                                        run_args["num_workers"] if args.num_workers is None else args.num_workers,
+            workers = run_args["num_workers"] if args.num_workers is None else args.num_workers
+            _take_budget(workers)
+            probs = predict_checkpoints(groups, test, args.batch_size, workers,
                                         engine.resolve_device(args.device), args.amp or run_args["amp"],
                                         run_args.get("channels_last", True), args.tta or run_args.get("tta", "none"),
                                         args.engine)

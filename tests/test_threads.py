@@ -133,3 +133,15 @@ def test_a_run_gives_up_cores_when_another_starts(tiny_data, tmp_path):
     assert f"thread budget: {cores} thread(s) of {cores} usable core(s) shared by 1 process(es)" in log
     assert (f"thread budget: {cores // 2} thread(s) of {cores} usable core(s) shared by 2 process(es), loaders of "
             f"at most") in log and f"(was {cores} thread(s))" in log
+
+
+def test_inference_takes_its_share(trained_run, tmp_path, capsys, caplog):
+    import logging
+
+    import inference
+
+    with caplog.at_level(logging.INFO, logger="inference"):
+        call_main(inference.main, capsys, "--save_dir", trained_run, "--output", tmp_path / "sub.csv", check=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("thread budget: ")]
+    assert len(lines) == 1 and "usable core(s) shared by" in lines[0]
+    assert threads.live_processes() >= 1  # this process is registered now
