@@ -32,6 +32,7 @@ import pandas as pd
 import runfiles
 from cli import ArgumentParser
 from errors import DataError
+from inference import engine_amp_error, load_predictor
 from names import AMP_MODES, ENGINES, TTA_MODES
 
 if TYPE_CHECKING:
@@ -99,11 +100,10 @@ def load_run(run_dir: str | Path, fold: int | None = None, device: str = "auto",
     """
     from augmentation import create_transform
     from engine import paper_fill, resolve_device
-    from inference import load_predictor
 
     run_dir = Path(run_dir)
-    if engine == "onnxruntime" and amp in ("bf16", "fp16"):
-        raise DataError(f"--amp {amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch")
+    if (refusal := engine_amp_error(engine, amp)) is not None:
+        raise DataError(refusal)
     groups = checkpoint_groups(run_dir, fold)
     run_args = runfiles.read_args(run_dir, required=None if amp else {"amp": str})
     tta = run_args.get("tta", "none")
@@ -221,8 +221,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         parser.error(f"--top_k {args.top_k}: must be at least 1")
     if args.fold is not None and args.fold < 0:
         parser.error(f"--fold {args.fold}: must not be negative")
-    if args.engine == "onnxruntime" and args.amp in ("bf16", "fp16"):
-        parser.error(f"--amp {args.amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch")
+    if (refusal := engine_amp_error(args.engine, args.amp)) is not None:
+        parser.error(refusal)
     return args
 
 

@@ -167,14 +167,9 @@ def evaluate(model, loader, device, amp_dtype, channels_last, desc="val", tta="n
     return metrics, torch.softmax(logits, 1).numpy()
 
 
-def init_worker(worker_id: int) -> None:
-    """A loader worker's start: seeded (seed.seed_worker), one thread for torch and OpenCV (threads.py)."""
-    seed_worker(worker_id)
-    threads.worker_threads()
-
-
 def make_loader(dataset, batch_size, num_workers, device, sampler=None, drop_last=False, persistent=False):
-    """A DataLoader of the suite: seeded single-threaded workers, no more of them than the thread budget allows
+    """A DataLoader of the suite: seeded workers (single-threaded: DataLoader gives each one torch thread, and they
+    inherit threads.apply's one OpenCV thread), no more of them than the thread budget allows
     (threads.loader_workers), its own generator, a shard per process under DDP."""
     num_workers = threads.loader_workers(num_workers)
     # The loader's own generator: starting an iterator must not draw from the global torch RNG, or dropout masks
@@ -183,7 +178,7 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, drop_las
     if sampler is None and rank_world()[1] > 1:
         sampler = SeededSampler(len(dataset), 0, shuffle=False, num_replicas=rank_world()[1], rank=rank_world()[0])
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=init_worker,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                       persistent_workers=num_workers > 0 and persistent,
                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 

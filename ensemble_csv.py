@@ -204,9 +204,10 @@ def _check_fit_args(args: argparse.Namespace) -> None:
     if args.weights is not None:
         raise EnsembleError("--weights: cannot be given with --fit_weights, which fits the weights")
     args.inputs = [str(resolve_run(path)[1]) for path in args.inputs]
-    args.probs_out = args.probs_out or str(fit_folder(args.output) / "probs.csv")
-    args.weights_out = args.weights_out or str(fit_folder(args.output) / "weights.json")
-    args.corr_out = args.corr_out or str(fit_folder(args.output) / "corr.csv")
+    folder = fit_folder(args.output)
+    args.probs_out = args.probs_out or str(folder / "probs.csv")
+    args.weights_out = args.weights_out or str(folder / "weights.json")
+    args.corr_out = args.corr_out or str(folder / "corr.csv")
     outputs = {"--output": args.output, "--probs_out": args.probs_out, "--weights_out": args.weights_out,
                "--corr_out": args.corr_out}
     for i, (a, path_a) in enumerate(outputs.items()):

@@ -33,6 +33,7 @@ import numpy as np
 import limits
 import predictions
 import runfiles
+import threads
 from cli import ArgumentParser
 from errors import DataError
 from fileio import WriteError
@@ -62,6 +63,13 @@ class OnnxModel:
 
         batch = images.detach().cpu().float().contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+
+
+def engine_amp_error(engine: str, amp: str | None) -> str | None:
+    """The refusal of an explicit reduced precision for onnxruntime, which computes in fp32 (None when fine)."""
+    if engine == "onnxruntime" and amp in ("bf16", "fp16"):
+        return f"--amp {amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch"
+    return None
 
 
 def load_predictor(path: Path, backend: str, device: torch.device, amp: str, channels_last: bool) -> tuple:
@@ -148,8 +156,8 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         parser.error("--batch_size must be at least 1 and --num_workers not negative")
-    if args.engine == "onnxruntime" and args.amp in ("bf16", "fp16"):
-        parser.error(f"--amp {args.amp}: --engine onnxruntime computes in fp32; use --amp none or --engine torch")
+    if (refusal := engine_amp_error(args.engine, args.amp)) is not None:
+        parser.error(refusal)
     for flag in ("batch_size", "num_workers"):
         if (refusal := limits.bound_error(flag, getattr(args, flag))) is not None:
             parser.error(refusal)
@@ -170,16 +178,6 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     output = args.output or runfiles.RunFiles(args.save_dir).root / "inference.csv"
     probs_path = output.with_name(output.stem + "_probs.csv")
     return run_args, groups, output, probs_path
-
-
-def _take_budget(workers: int) -> None:
-    """This process's share of the cores beside the suite's other processes on the machine (threads.py)."""
-    import threads
-
-    threads.register()
-    budget = threads.budget(workers=workers)
-    threads.apply(budget)
-    _logger.info("thread budget: %s", budget.describe())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             truth = None if args.test_solution is None else predictions.read_solution(args.test_solution,
                                                                                       test.rel_paths)
             workers = run_args["num_workers"] if args.num_workers is None else args.num_workers
-            _take_budget(workers)
+            threads.take(workers=workers)
             probs = predict_checkpoints(groups, test, args.batch_size, workers,
                                         engine.resolve_device(args.device), args.amp or run_args["amp"],
                                         run_args.get("channels_last", True), args.tta or run_args.get("tta", "none"),

@@ -366,7 +366,7 @@ def demo_recipe(parser, argv: list[str] | None) -> str | None:
     """Whether a new run on the bundled data takes DEMO_RECIPE: "pretrained" when none of its flags (nor
     --pretrained_path or --config) is given and its weights package is installed, "scratch" when that package is
     missing (the parser's defaults then: resnet18 from scratch), None when a flag of the recipe is given."""
-    if set(explicit_args(parser, argv)) & (set(DEMO_RECIPE) | {"pretrained_path", "config", "img_size"}):
+    if set(explicit_args(parser, argv)) & (set(DEMO_RECIPE) | {"pretrained_path", "config"}):
         return None
     import weights
 
@@ -613,16 +613,6 @@ def _read_data(args: argparse.Namespace, main_process: bool):
     return table, test, pseudo, truth
 
 
-def _take_budget(args: argparse.Namespace) -> None:
-    """Count this process among the suite's on this machine and take its share of the cores (threads.py)."""
-    import threads
-
-    threads.register()
-    budget = threads.budget(args.threads or None, args.num_workers, fixed=args.deterministic)
-    threads.apply(budget)
-    logging.info("thread budget: %s", budget.describe())
-
-
 def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
     """Check everything, save the arguments of a new run, train, and copy the submission to --output_dir. The
     summary (None on processes other than rank 0) and the test solution's targets."""
@@ -652,7 +642,9 @@ def _train(args: argparse.Namespace, world: int) -> tuple[dict | None, object]:
             _probe_writable(flag, getattr(args, flag))
     engine.barrier()  # every process passed its checks before rank 0 writes anything
     _setup_logging(args.save_dir if main_process else None)
-    _take_budget(args)
+    import threads
+
+    threads.take(args.threads or None, args.num_workers, fixed=args.deterministic)
     if args.resume_training and world != args.world_size:
         logging.warning("resuming a run of %d process(es) with %d: the batches differ from here on, so the "
                         "result will not repeat the uninterrupted run exactly", args.world_size, world)

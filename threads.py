@@ -142,7 +142,8 @@ def apply(b: Budget) -> None:
     if torch.get_num_threads() != b.threads:
         torch.set_num_threads(b.threads)
     # One OpenCV thread: its decoding and resizing run in the loader workers (forked: they inherit it), one image
-    # each, where a pool per worker would oversubscribe the cores the budget gave them.
+    # each, where a pool per worker would oversubscribe the cores the budget gave them. Set here, in the parent,
+    # before any worker is forked: changing it inside a forked worker can hang on the parent's pool.
     cv2.setNumThreads(1)
     _applied[:] = [b]
 
@@ -152,12 +153,14 @@ def loader_workers(asked: int) -> int:
     return min(asked, _applied[0].workers) if _applied and asked else asked
 
 
-def worker_threads() -> None:
-    """In a loader worker: one thread for torch (the DataLoader sets it too). OpenCV's is set in the parent by
-    :func:`apply`, before any worker is forked: changing it in a forked worker can hang on the parent's pool."""
-    import torch
-
-    torch.set_num_threads(1)
+def take(threads: int | None = None, workers: int | None = None, fixed: bool = False) -> Budget:
+    """A training or predicting process's start: count it among the suite's processes on this machine, take its
+    share of the cores (:func:`budget`, :func:`apply`) and log it."""
+    register()
+    b = budget(threads, workers, fixed)
+    apply(b)
+    _logger.info("thread budget: %s", b.describe())
+    return b
 
 
 def rebalance(threads: int | None, fixed: bool) -> Budget | None:

@@ -140,7 +140,7 @@ def test_inference_takes_its_share(trained_run, tmp_path, capsys, caplog):
 
     import inference
 
-    with caplog.at_level(logging.INFO, logger="inference"):
+    with caplog.at_level(logging.INFO, logger="threads"):
         call_main(inference.main, capsys, "--save_dir", trained_run, "--output", tmp_path / "sub.csv", check=True)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("thread budget: ")]
     assert len(lines) == 1 and "usable core(s) shared by" in lines[0]
