@@ -14,6 +14,7 @@ cached-feature head, soups, the demo page) use it:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from tqdm import tqdm
 
 import faults
@@ -182,6 +183,56 @@ def make_loader(dataset, batch_size, num_workers, device, sampler=None, drop_las
                       persistent_workers=num_workers > 0 and persistent,
                       prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
+
+
+class _PartSampler(Sampler):
+    """The indices of one dataset of a concatenation, the part chosen before each pass, sharded over processes as
+    an unshuffled SeededSampler shards (rank r gets positions r, r + W... of the part, padded to equal lengths)."""
+
+    def __init__(self, sizes: list[int], rank: int = 0, world: int = 1):
+        self.sizes, self.offsets = sizes, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        self.rank, self.world, self.part = rank, world, 0
+
+    def __len__(self) -> int:
+        return -(-self.sizes[self.part] // self.world)
+
+    def __iter__(self):
+        n, offset = self.sizes[self.part], self.offsets[self.part]
+        order = list(range(n))
+        while 0 < len(order) < len(self) * self.world:
+            order += order[: len(self) * self.world - len(order)]
+        return iter([offset + i for i in order[self.rank :: self.world]])
+
+
+class SharedLoaders:
+    """Several evaluation datasets (a fold's validation and test images) served by one DataLoader and so by one
+    pool of persistent workers instead of one pool each; ``part(k)`` is a loader of dataset k alone. One pass at a
+    time: a part's pass must end before another part's begins."""
+
+    def __init__(self, datasets: list, batch_size: int, num_workers: int, device: torch.device):
+        rank, world = rank_world()
+        self.datasets = datasets
+        self.sampler = _PartSampler([len(d) for d in datasets], rank, world)
+        self.loader = make_loader(ConcatDataset(datasets), batch_size, num_workers, device, sampler=self.sampler,
+                                  persistent=True)
+
+    def part(self, k: int) -> _Part:
+        """A loader of dataset ``k``: ``dataset``, ``batch_size``, ``len()`` in batches, and its batches."""
+        return _Part(self, k)
+
+
+class _Part:
+    def __init__(self, shared: SharedLoaders, k: int):
+        self.shared, self.k = shared, k
+        self.dataset, self.batch_size = shared.datasets[k], shared.loader.batch_size
+
+    def __len__(self) -> int:
+        per_process = math.ceil(len(self.dataset) / self.shared.sampler.world)
+        return math.ceil(per_process / self.batch_size)
+
+    def __iter__(self):
+        self.shared.sampler.part = self.k  # read when the loader starts its pass, below
+        yield from self.shared.loader
 
 
 TTA_MODES: dict[str, tuple[str, ...]] = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -41,6 +42,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,12 +270,73 @@ def staged(proto, path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def runtime_session(checkpoint: Path, cuda_device: int | None = None, threads: int = 0):
-    """The checkpoint exported now as the default export is (fp32, dynamic batch, opset 18, dynamo) and opened by
-    onnxruntime, with nothing published: the graph stays in memory (over 2 GiB of weights, in a temporary folder
-    while the session loads). CUDA's provider on GPU ``cuda_device`` when given and onnxruntime has it, else the
-    CPU's on ``threads`` threads (0: onnxruntime's choice). Returns (session, raw checkpoint); ExportError if it
-    does not export or open, DataError if onnxruntime is not installed or the checkpoint is not this suite's."""
+def export_key(info: Exported) -> str:
+    """A hash of everything the default export's graph depends on: the weights (every state-dict entry), the
+    architecture, input size and classes, the export's settings and the exporting library versions."""
+    import onnx
+    import timm
+    import torch
+
+    settings = {"model": info.model_name, "img_size": list(info.img_size), "classes": len(info.class_names),
+                "exporter": "dynamo", "opset": 18, "dynamic_batch": True, "torch": torch.__version__,
+                "timm": timm.__version__, "onnx": onnx.__version__}
+    h = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=10)
+    for name, value in info.model.state_dict().items():
+        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_cache_dir() -> Path:
+    """Where prediction keeps its exports for the next call: ``<torch hub dir>/sketch-suite/onnx`` (the torch hub
+    dir: ``$TORCH_HOME/hub``, by default ``~/.cache/torch/hub``), beside weights.py's mapped weights."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "sketch-suite" / "onnx"
+
+
+def cached_export(info: Exported, folder: Path | None = None) -> tuple[bytes | None, object]:
+    """The default export of ``info``'s model as bytes, reused from ``folder`` (default :func:`export_cache_dir`)
+    when an earlier call left it there, else exported now and left there atomically for the next call. A cached file
+    is named ``<export_key>-<SHA-256 prefix>.onnx`` and read only if its bytes still have that hash (a damaged one is
+    exported again). Returns (bytes, None), or (None, the ModelProto) for a model over protobuf's 2 GiB, which is
+    exported anew each time; a folder that cannot be written costs the reuse only (a warning)."""
+    folder = export_cache_dir() if folder is None else folder
+    key = export_key(info)
+    for path in sorted(folder.glob(f"{key}-*.onnx")):
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(blob).hexdigest().startswith(path.stem.rpartition("-")[2]):
+            _logger.info("onnx: %s reused for %s", path, info.source)
+            return blob, None
+        _logger.warning("onnx: %s is damaged (its bytes do not match its name); exporting again", path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    start = time.perf_counter()
+    proto = export_model(info.model, info.img_size)
+    if sum(t.ByteSize() for t in proto.graph.initializer) > EMBED_LIMIT:
+        return None, proto
+    blob = proto.SerializeToString()
+    path = folder / f"{key}-{hashlib.sha256(blob).hexdigest()[:8]}.onnx"
+    try:
+        with atomic_write(path, "wb") as f:
+            f.write(blob)
+        _logger.info("onnx: %s exported in %.1f s, kept as %s for the next prediction", info.source,
+                     time.perf_counter() - start, path)
+    except WriteError as e:
+        _logger.warning("onnx: %s; each prediction exports again (set TORCH_HOME to a writable folder)", e.strerror)
+    return blob, None
+
+
+def runtime_session(checkpoint: Path, cuda_device: int | None = None, threads: int = 0, cache: bool = True):
+    """The checkpoint's default export (fp32, dynamic batch, opset 18, dynamo) opened by onnxruntime: with
+    ``cache``, the one an earlier call kept (:func:`cached_export`), else exported now; nothing is written beside
+    the checkpoint (a model over 2 GiB of weights goes through a temporary folder while the session loads). CUDA's
+    provider on GPU ``cuda_device`` when given and onnxruntime has it, else the CPU's on ``threads`` threads (0:
+    onnxruntime's choice). Returns (session, raw checkpoint); ExportError if it does not export or open, DataError
+    if onnxruntime is not installed or the checkpoint is not this suite's."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -282,7 +345,12 @@ def runtime_session(checkpoint: Path, cuda_device: int | None = None, threads: i
     for name in ("onnxscript", "onnx_ir"):  # the graph optimizer logs every pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     info, ckpt = load_for_export(checkpoint)
-    proto = export_model(info.model, info.img_size)
+    if cache:
+        blob, proto = cached_export(info)
+    else:
+        proto = export_model(info.model, info.img_size)
+        blob = proto.SerializeToString() if sum(t.ByteSize() for t in proto.graph.initializer) <= EMBED_LIMIT \
+            else None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
@@ -290,10 +358,9 @@ def runtime_session(checkpoint: Path, cuda_device: int | None = None, threads: i
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": cuda_device}))
     elif cuda_device is not None:
         _logger.warning("onnxruntime %s has no CUDA provider here: predicting on the CPU", ort.__version__)
-    embedded = sum(t.ByteSize() for t in proto.graph.initializer) <= EMBED_LIMIT
     with tempfile.TemporaryDirectory(prefix="onnx_session_") as tmp:
-        model = proto.SerializeToString() if embedded else str(Path(tmp) / "model.onnx")
-        if not embedded:
+        model = blob if blob is not None else str(Path(tmp) / "model.onnx")
+        if blob is None:
             import onnx
 
             onnx.save_model(proto, model, save_as_external_data=True, all_tensors_to_one_file=True,

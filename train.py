@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import logging
 import math
@@ -92,14 +91,17 @@ PROGRESS_EVERY = 50  # batches between progress lines when stderr is not a termi
 
 MONITORS: dict[str, str] = {"val_acc": "max", "val_f1": "max", "val_loss": "min"}
 
-FUSED_ON_CUDA = {"adamw", "adam", "sgd"}  # torch's own optimizers: one fused kernel per step on a GPU
+# Torch's own optimizers, one fused kernel per step on GPUs and CPUs alike. On the CPU too it is the faster step
+# (2 CPU cores, resnet18's parameters: AdamW 5.8 ms fused against 35.7 ms foreach, SGD 4.3 against 9.3 ms).
+FUSED = {"adamw", "adam", "sgd"}
 
 
 def create_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float,
                      device: torch.device | None = None) -> torch.optim.Optimizer:
-    """An optimizer from OPTIMIZERS via timm: fused kernels on CUDA where torch has them, else foreach."""
+    """An optimizer from OPTIMIZERS via timm: torch's fused kernel where it has one (on GPUs and CPUs), else
+    foreach."""
     kwargs = dict(OPTIMIZERS[name])
-    if device is not None and device.type == "cuda" and name in FUSED_ON_CUDA:
+    if name in FUSED and (device is None or device.type in ("cuda", "cpu")):
         kwargs["fused"] = True
     return timm.optim.create_optimizer_v2(model, lr=lr, weight_decay=weight_decay, **kwargs)
 
@@ -336,9 +338,9 @@ def build_loaders(args: argparse.Namespace, t: Training, table: Table, folds: np
                   test: Table, device: torch.device,
                   caches: tuple[ImageCache | None, ImageCache | None] = (None, None),
                   pseudo: Table | None = None) -> Loaders:
-    """The fold's loaders (``train`` shuffled by ``sampler`` and sharded under DDP). Their workers live as long as
-    the fold: a new pass (an epoch, a snapshot's test prediction) forks no processes and copies none of this
-    process's memory."""
+    """The fold's loaders (``train`` shuffled by ``sampler`` and sharded under DDP; ``val`` and ``test()`` sharing
+    one pool of workers). Their workers live as long as the fold: a new pass (an epoch, a snapshot's test
+    prediction) forks no processes and copies none of this process's memory."""
     rank, world = engine.rank_world()
     split = training_split(args, table, folds, fold, pseudo)
     val_idx = np.flatnonzero(folds == fold)
@@ -346,16 +348,17 @@ def build_loaders(args: argparse.Namespace, t: Training, table: Table, folds: np
     train_cache, test_cache = caches
     train_ds = ImageDataset(split.paths, split.targets, t.train_transform, t.img_size, train_cache, split.ids)
     val_ds = ImageDataset(paths[val_idx], targets[val_idx], t.eval_transform, t.img_size, train_cache, val_idx)
+    test_ds = ImageDataset(test.paths, None, t.eval_transform, t.img_size, test_cache)
     sampler = SeededSampler(len(train_ds), derive_seed(args.seed, fold, 1), num_replicas=world, rank=rank,
                             **split.plan)
+    # Validation and test passes never overlap: one pool of workers serves both.
+    evaluation = engine.SharedLoaders([val_ds, test_ds], args.eval_batch_size, args.num_workers, device)
     return Loaders(
         sampler=sampler,
         train=engine.make_loader(train_ds, args.batch_size, args.num_workers, device, sampler=sampler,
                                  drop_last=True, persistent=True),
-        val=engine.make_loader(val_ds, args.eval_batch_size, args.num_workers, device, persistent=True),
-        test=functools.cache(lambda: engine.make_loader(
-            ImageDataset(test.paths, None, t.eval_transform, t.img_size, test_cache), args.eval_batch_size,
-            args.num_workers, device, persistent=True)),
+        val=evaluation.part(0),
+        test=lambda: evaluation.part(1),
     )
 
 

@@ -360,6 +360,66 @@ def infer_suite(args, t, paths: list[str], device: torch.device, epochs: int) ->
     return _finish(result, device)
 
 
+ENGINES = ("eager", "eager fp32", "compiled fp32", "onnxruntime fp32")
+
+
+def engine_loops(args, t, paths: list[str], device: torch.device, epochs: int) -> dict[str, Result]:
+    """Prediction by each engine, as the inference ceiling (forward passes on one batch held in memory): eager
+    PyTorch in the suite's precision and in fp32, ``torch.compile`` in fp32, and onnxruntime running the model's
+    fp32 ONNX export (``export.export_model``, as ``inference.py --engine onnxruntime`` runs it, on torch's thread
+    count). The first epoch of each includes its warm-up (compilation, the session's first run)."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    import export
+    from engine import autocast
+
+    batch = args.eval_batch_size
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = _memory_batch(paths, t.eval_transform, t.img_size, batch)
+    fp32 = copy.deepcopy(t.model).float().eval().to(memory_format=layout)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(export.export_model(copy.deepcopy(fp32).to(memory_format=torch.contiguous_format),
+                                                       t.img_size).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    compiled = torch.compile(fp32)
+    array, tensor = images.numpy(), images.to(device, memory_format=layout)
+
+    def eager(x):
+        with autocast(device, t.amp_dtype):
+            return t.model(x)
+
+    runs = {"eager": lambda: eager(tensor), "eager fp32": lambda: fp32(tensor),
+            "compiled fp32": lambda: compiled(tensor),
+            "onnxruntime fp32": lambda: session.run([export.OUTPUT_NAME], {export.INPUT_NAME: array})}
+    results = {}
+    t.model.eval()
+    for name, forward in runs.items():
+        result = Result()
+        with torch.inference_mode():
+            for _ in range(epochs):
+                start = time.perf_counter()
+                for _ in range(max(1, len(paths) // batch)):
+                    forward()
+                result.add(max(1, len(paths) // batch) * batch, time.perf_counter() - start)
+        results[name] = result
+    return results
+
+
+def print_engines(rounds: list[dict[str, Result]]) -> None:
+    """The engines' steady throughput (medians over the rounds; ``eager``: in the suite's precision) and
+    onnxruntime's ratios to eager and compiled PyTorch in fp32 (from the rounds' own ratios)."""
+    steady = {name: [r[name].steady for r in rounds] for name in ENGINES}
+    rates = "   ".join(f"{name} {statistics.median(v):.1f} img/s" for name, v in steady.items())
+    ratio = round_ratios(steady["onnxruntime fp32"], steady["eager fp32"])
+    compiled = round_ratios(steady["onnxruntime fp32"], steady["compiled fp32"])
+    print(f"engines   {rates}   onnxruntime/eager fp32 {ratio.median:.1f}x   onnxruntime/compiled "
+          f"{compiled.median:.1f}x")
+
+
 def infer_reference(
     args, model: torch.nn.Module, paths: list[str], targets: np.ndarray, device: torch.device, epochs: int
 ) -> Result:
@@ -546,6 +606,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"the suite's --amp, to measure the precision auto does not pick (default: main.py's, "
                              f"{defaults.amp})")
     parser.add_argument("--compile", action="store_true", help="the suite's --compile (default: off)")
+    parser.add_argument("--engines", action="store_true",
+                        help="also time prediction by eager PyTorch (the suite's precision and fp32), torch.compile "
+                             "and onnxruntime on the fp32 ONNX export, on one batch in memory, on the CPU (default: "
+                             "off)")
     parser.add_argument(
         "--upscale",
         type=int,
@@ -566,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--images {opts.images} is fewer than one --batch_size {opts.batch_size}")
     if opts.upscale is not None and opts.upscale < 1:
         parser.error("--upscale must be at least 1")
+    if opts.engines and opts.device not in ("auto", "cpu"):
+        parser.error(f"--engines compares engines on the CPU; not with --device {opts.device}")
     import torch
 
     from dataset import read_train_table
@@ -657,9 +723,10 @@ def print_header(args, opts, device: torch.device, paths: list[str], num_classes
 
 
 def measure_round(args, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int, epochs: int,
-                  label: str = "", first: bool = True) -> dict[str, dict[str, Result]]:
+                  label: str = "", first: bool = True, engines_too: bool = False) -> dict[str, dict[str, Result]]:
     """The six loops once, in the order train ceiling, train suite, inference ceiling, inference suite, train
-    reference, inference reference; ``first`` also prints the suite's settings."""
+    reference, inference reference (with ``engines_too``, :func:`engine_loops` after the inference suite);
+    ``first`` also prints the suite's settings."""
     train, infer = {}, {}
     _progress("train ceiling", label)
     train["ceiling"] = train_ceiling(args, num_classes, paths, device, epochs)
@@ -676,12 +743,16 @@ def measure_round(args, device: torch.device, paths: list[str], targets: np.ndar
     infer["ceiling"] = infer_ceiling(args, t, paths, device, epochs)
     _progress("inference suite", label)
     infer["suite"] = infer_suite(args, t, paths, device, epochs)
+    engines = None
+    if engines_too:
+        _progress("prediction engines", label)
+        engines = engine_loops(args, t, paths, device, epochs)
     del t
     _progress("train reference", label)
     train["reference"], model = train_reference(args, num_classes, paths, targets, device, epochs)
     _progress("inference reference", label)
     infer["reference"] = infer_reference(args, model, paths, targets, device, epochs)
-    return {"train": train, "inference": infer}
+    return {"train": train, "inference": infer, "engines": engines}
 
 
 def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray, num_classes: int) -> None:
@@ -691,7 +762,8 @@ def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray,
     rounds = []
     for i in range(count):
         label = f" (round {i + 1}/{count})" if count > 1 else ""
-        rounds.append(measure_round(args, device, paths, targets, num_classes, epochs, label, first=i == 0))
+        rounds.append(measure_round(args, device, paths, targets, num_classes, epochs, label, first=i == 0,
+                                    engines_too=opts.engines))
     cuda = device.type == "cuda"
     spread_head = ("", "") if count == 1 else (f" {'min..max':>13}", f" {'img/s':>13}")
     print()
@@ -703,6 +775,8 @@ def run(args, opts, device: torch.device, paths: list[str], targets: np.ndarray,
     print()
     for phase in ("train", "inference"):
         print_summary(phase, [r[phase] for r in rounds])
+    if opts.engines:
+        print_engines([r["engines"] for r in rounds])
     if count > 1:
         print(f"(medians of {count} interleaved rounds; min..max over the rounds in brackets, and in the table's "
               "min..max column for the throughput the ratios use; a ratio is the median of the rounds' own ratios)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -101,3 +102,16 @@ def test_several_rounds_print_medians_and_ranges(capsys):
 
 def test_repeat_must_be_positive(capsys):
     assert_refused(call_main(speed.main, capsys, "--repeat", "0"), "--repeat")
+
+
+def test_engines_line_on_real_images(tiny_data, capsys):
+    """``--engines``: one line with the four engines' throughput and onnxruntime's ratios, from a real run."""
+    proc = call_main(speed.main, capsys, "--model", "test_resnet", "--size", "32", "--images", "16", "--batch_size",
+                     "8", "--epochs", "2", "--num_workers", "0", "--device", "cpu", "--data", tiny_data, "--engines",
+                     check=True)
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("engines "))
+    assert re.fullmatch(r"engines   eager [\d.]+ img/s   eager fp32 [\d.]+ img/s   compiled fp32 [\d.]+ img/s   "
+                        r"onnxruntime fp32 [\d.]+ img/s   onnxruntime/eager fp32 [\d.]+x   onnxruntime/compiled "
+                        r"[\d.]+x", line), line
+    assert_refused(call_main(speed.main, capsys, "--engines", "--device", "cuda"),
+                   "--engines compares engines on the CPU")

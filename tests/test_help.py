@@ -15,7 +15,7 @@ import names
 
 SCRIPTS = ["main.py", "inference.py", "tune.py", "export.py", "soup.py", "audit.py", "ensemble_csv.py", "report.py",
            "demo_app.py", "bench/speed.py", "bench/frozen_head.py", "bench/fault_injection.py",
-           "bench/concurrent_runs.py"]
+           "bench/concurrent_runs.py", "bench/head_epoch.py"]
 HEAVY = {"torch", "timm", "albumentations", "cv2"}
 # Registry (module, dict) -> the tuple of its keys in names.py.
 REGISTRIES = [("augmentation", "AUGMENTATIONS"), ("loss", "LOSSES"), ("model", "MODELS"), ("train", "OPTIMIZERS"),

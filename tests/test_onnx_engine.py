@@ -4,7 +4,10 @@ nothing written into the run but the outputs, and bad combinations refused in on
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +22,27 @@ from checkpoints import run_checkpoints
 from errors import DataError
 
 TOLERANCE = 1e-4  # on probabilities; the help states 1e-3, which EfficientNet-Lite0 at 128 px needs (5.5e-4)
+
+
+@pytest.fixture(autouse=True)
+def export_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test its own cache of exports (under TORCH_HOME), empty at its start."""
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home / "hub" / "sketch-suite" / "onnx"
+
+
+@pytest.fixture
+def exports(monkeypatch) -> list:
+    """The models exported, in order: a prediction that reuses a kept export adds none."""
+    done, real = [], export.export_model
+
+    def counting(model, *args, **kwargs):
+        done.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(export, "export_model", counting)
+    return done
 
 
 @pytest.fixture
@@ -77,6 +101,56 @@ def test_inference_onnxruntime_writes_nothing_else_into_the_run(trained_run, tmp
     after = files_of(run)
     assert set(after) - set(before) == {"inference.csv", "inference_probs.csv"}  # no export folder, no model file
     assert all(after[name] == data for name, data in before.items())
+
+
+def test_exports_are_kept_and_reused(trained_run, tmp_path, capsys, exports, export_cache, caplog):
+    """The first prediction exports each fold's checkpoint once and keeps it, named by a hash of its weights and
+    settings and by its bytes' hash; the next reuses them (no export) and predicts the same bytes; a damaged file is
+    exported again with a warning; a cache that cannot be written costs only the reuse."""
+    checkpoints = [p for group in run_checkpoints(trained_run) for p in group]
+    _, first = _predict(capsys, trained_run, tmp_path / "a.csv", "--engine", "onnxruntime")
+    kept = sorted(export_cache.glob("*.onnx"))
+    assert len(exports) == len(kept) == len(checkpoints) == 2
+    for path in kept:
+        key, _, digest = path.stem.partition("-")
+        assert len(key) == 20 and hashlib.sha256(path.read_bytes()).hexdigest()[:8] == digest
+    with caplog.at_level(logging.INFO, logger="export"):
+        _, again = _predict(capsys, trained_run, tmp_path / "b.csv", "--engine", "onnxruntime")
+    assert len(exports) == 2 and again.equals(first) and caplog.text.count("reused for") == 2
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+    data = bytearray(kept[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    kept[0].write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="export"):
+        _, repaired = _predict(capsys, trained_run, tmp_path / "c.csv", "--engine", "onnxruntime")
+    assert len(exports) == 3 and repaired.equals(first)
+    assert f"{kept[0]} is damaged (its bytes do not match its name); exporting again" in caplog.text
+    assert sorted(export_cache.glob("*.onnx")) == kept and kept[0].read_bytes() != bytes(data)
+
+    shutil.rmtree(export_cache)
+    export_cache.write_text("a file where the cache folder goes")  # unwritable, even for root
+    with caplog.at_level(logging.WARNING, logger="export"):
+        _, unkept = _predict(capsys, trained_run, tmp_path / "d.csv", "--engine", "onnxruntime")
+    assert unkept.equals(first) and len(exports) == 5
+    assert "each prediction exports again (set TORCH_HOME to a writable folder)" in caplog.text
+
+
+def test_export_key_follows_the_weights(trained_run):
+    """Other weights or another input size: another key; the same checkpoint loaded twice: the same."""
+    path = run_checkpoints(trained_run, 0)[0][0]
+    info, _ = export.load_for_export(path)
+    key = export.export_key(info)
+    assert export.export_key(export.load_for_export(path)[0]) == key
+    other = export.load_for_export(run_checkpoints(trained_run, 1)[0][0])[0]
+    assert export.export_key(other) != key
+    with torch.no_grad():
+        next(info.model.parameters()).view(-1)[0] += 1e-6
+    assert export.export_key(info) != key
+    info.model = export.load_for_export(path)[0].model
+    info.img_size = (info.img_size[0] + 8, info.img_size[1])
+    assert export.export_key(info) != key
 
 
 def test_bad_combinations_refused(trained_run, tmp_path, capsys, sessions):

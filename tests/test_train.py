@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST, data_args
 from torch.utils.data import DataLoader, TensorDataset
 
 import checkpoints
 import engine
+import faults
 import main as main_module
+import runfiles
 import train
 from augmentation import SketchAutoAugment
 from dataset import DataError
@@ -342,8 +346,6 @@ def test_pretrained_flags_reach_create_model(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- loaders, cache
 def _fold_loaders(data, *argv):
-    from conftest import FAST, data_args
-
     from dataset import read_test_table, read_train_table
 
     args = main_module.resolve_args(main_module.get_args_parser(),
@@ -360,10 +362,11 @@ def test_loader_flags_reach_the_loaders(tiny_data, tmp_path):
     args, t, caches, loaders = _fold_loaders(tiny_data, "--num_workers", "2", "--eval_batch_size", "5", "--cache",
                                              "disk", "--cache_dir", str(tmp_path), "--cache_gb", str(50 * 3072 / 2**30))
     assert (loaders.train.batch_size, loaders.val.batch_size, loaders.test().batch_size) == (8, 5, 5)
-    assert loaders.train.num_workers == loaders.val.num_workers == 2
-    assert loaders.train.persistent_workers and loaders.val.persistent_workers  # kept between epochs
-    # The test loader is made once a fold asks for it and kept: each snapshot's prediction reuses its workers.
-    assert loaders.test() is loaders.test() and loaders.test().persistent_workers
+    # Validation and test share one loader, so one pool of workers, kept between epochs and snapshots.
+    shared = loaders.val.shared.loader
+    assert loaders.test().shared.loader is shared
+    assert loaders.train.num_workers == shared.num_workers == 2
+    assert loaders.train.persistent_workers and shared.persistent_workers
     train_cache, test_cache = caches
     assert train_cache.mode == "disk" and train_cache.dir == tmp_path / "32x32"
     assert (train_cache.capacity, test_cache.capacity) == (48, 2)  # 50 images fit: training first
@@ -381,11 +384,52 @@ def test_loader_flags_reach_the_loaders(tiny_data, tmp_path):
     assert train.wrap_model(t.model, argparse.Namespace(compile=False), torch.device("cpu")) is t.model
 
 
-def test_fused_optimizer_on_cuda_only():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shared_loaders_serve_each_part_alone(workers):
+    """Parts of one SharedLoaders, passed in any order, each give their own dataset's items in order; under W
+    processes rank r gets positions r, r + W... of its part, padded as an unshuffled SeededSampler pads."""
+    parts = [TensorDataset(torch.arange(7)), TensorDataset(torch.arange(100, 103))]
+    shared = engine.SharedLoaders(parts, 2, workers, torch.device("cpu"))
+    first, second = shared.part(0), shared.part(1)
+    assert (len(first), len(second), first.dataset, second.batch_size) == (4, 2, parts[0], 2)
+    for part, expected in ((first, list(range(7))), (second, [100, 101, 102]), (first, list(range(7)))):
+        assert torch.cat([b[0] for b in part]).tolist() == expected
+    sampler = engine._PartSampler([7, 3], rank=1, world=2)
+    assert (list(sampler), len(sampler)) == ([1, 3, 5, 0], 4)
+    sampler.part = 1
+    assert list(sampler) == [8, 7] and list(engine._PartSampler([7, 3], rank=0, world=2)) == [0, 2, 4, 6]
+
+
+def test_validation_and_test_share_one_worker_pool_shut_down_after_the_fold(tiny_data, tmp_path, monkeypatch):
+    """With 2 workers a loader, a fold runs 4 worker processes (training's 2, and 2 for validation and test
+    together), not 6, and none once it is finished; each validation and test pass gets its own images."""
+    seen: dict[str, set[int]] = {}
+    point = faults.point
+
+    def count(name: str) -> None:  # the trainer's crash points are visited inside each pass
+        seen.setdefault(name, set()).add(len(multiprocessing.active_children()))
+        point(name)
+
+    monkeypatch.setattr(faults, "point", count)
+    before = len(multiprocessing.active_children())
+    run = tmp_path / "run"
+    main_module.main([*map(str, data_args(tiny_data)), *FAST, "--num_workers", "2", "--threads", "2", "--kfold", "2",
+                      "--fold", "0", "--max_epochs", "2", "--save_dir", str(run), "--output_dir", str(tmp_path / "o")])
+    assert max(seen["train_step"]) == before + 4 and seen["test_step"] == {before + 4}, seen
+    assert len(multiprocessing.active_children()) == before
+    files = runfiles.RunFiles(run).fold(0)
+    val = runfiles.read_array(files.val_probs, (24, 4), "")  # 48 images, 2 folds; 10 test images
+    test = runfiles.read_array(files.test_probs, (10, 4), "")
+    assert np.allclose(val.sum(1), 1, atol=1e-5) and np.allclose(test.sum(1), 1, atol=1e-5)
+
+
+def test_fused_optimizer_where_torch_has_one():
     model = _tiny_net()
     for name in train.OPTIMIZERS:
         opt = train.create_optimizer(name, model, 1e-3, 0.01, torch.device("cpu"))
-        assert not opt.defaults.get("fused")
+        assert bool(opt.defaults.get("fused")) == (name in {"adamw", "adam", "sgd"}), name
+        model(torch.randn(2, 3, 2, 2)).sum().backward()
+        opt.step()  # the fused CPU kernel runs
     if torch.cuda.is_available():
         opt = train.create_optimizer("adamw", model.cuda(), 1e-3, 0.01, torch.device("cuda"))
         assert opt.defaults["fused"]
